@@ -1,0 +1,238 @@
+"""Attaching prompt experts to a backbone, in peft's conventions.
+
+:func:`attach` freezes a timm or transformers ViT, wraps the attention of the chosen blocks
+in :class:`~smope.layer.PromptedAttention` and returns a :class:`SMoPEModel`, which behaves
+like the backbone (attribute access falls through, as with peft's ``PeftModel``) and adds
+peft's ``print_trainable_parameters`` and ``save_pretrained`` / ``from_pretrained`` with
+``adapter_config.json`` + ``adapter_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import SMoPEConfig
+from .errors import SmopeError
+from .layer import HFViTPromptedAttention, PromptedAttention, TimmPromptedAttention
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# peft names saved tensors after the tuner's wrapped model: base_model.model.<module path>.
+PEFT_KEY_PREFIX = "base_model.model."
+
+SUPPORTED = (
+    "timm VisionTransformer family (vit_*, deit_*, vit_*_dinov2, eva-free models built on "
+    "timm.models.vision_transformer.Attention) and transformers ViTModel / ViTForImageClassification"
+)
+
+
+def _wrapper_for(module: nn.Module) -> type[PromptedAttention] | None:
+    """The prompted class for an attention module, or ``None`` if it is not one we support."""
+    from timm.models.vision_transformer import Attention as TimmAttention
+
+    if isinstance(module, TimmAttention):
+        return TimmPromptedAttention
+    if type(module).__name__ == "ViTAttention" and all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return HFViTPromptedAttention
+    return None
+
+
+def _heads_of(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, PromptedAttention):
+        return module.num_heads, module.head_dim
+    if hasattr(module, "num_heads"):  # timm
+        return module.num_heads, module.head_dim
+    return module.num_attention_heads, module.head_dim  # transformers
+
+
+def find_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every supported (or already prompted) attention module, in block order."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{parent}.") for parent, _ in found):
+            continue  # the frozen attention inside a prompted layer
+        if isinstance(module, PromptedAttention) or _wrapper_for(module) is not None:
+            found.append((name, module))
+    return found
+
+
+def classifier_names(model: nn.Module) -> list[str]:
+    """Module paths of the classifier head that stays trainable (empty for a feature model)."""
+    if hasattr(model, "get_classifier"):  # timm
+        head = model.get_classifier()
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return [n for n, m in model.named_modules() if m is head]
+        return []
+    if isinstance(getattr(model, "classifier", None), nn.Module):  # transformers *ForImageClassification
+        return ["classifier"] if any(True for _ in model.classifier.parameters()) else []
+    return []
+
+
+class SMoPEModel(nn.Module):
+    """A backbone with prompt experts attached; calls and attributes fall through to it."""
+
+    def __init__(self, base_model: nn.Module, config: SMoPEConfig) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.peft_config = config
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_model"), name)
+
+    # peft conventions -----------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        counts = count_parameters(self)
+        return counts["trainable"], counts["total"]
+
+    def print_trainable_parameters(self) -> None:
+        """Print peft's line: ``trainable params: N || all params: M || trainable%: P``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Prompt keys/values, usage counts, flags, snapshots and the trainable head, peft-named."""
+        keep = tuple(f"{n}." for n in self.peft_config.modules_to_save or [])
+        state = {}
+        for name, tensor in self.base_model.state_dict().items():
+            if ".experts." in f".{name}" or name.startswith(keep):
+                state[PEFT_KEY_PREFIX + name] = tensor.detach().contiguous()
+        return state
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.peft_config.save_pretrained(str(directory))
+        save_file(self.adapter_state_dict(), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+
+    def load_adapter(self, directory: str | os.PathLike) -> None:
+        """Load weights and state saved by :meth:`save_pretrained` into this (attached) model."""
+        path = Path(directory) / ADAPTER_WEIGHTS_NAME
+        if not path.is_file():
+            raise SmopeError(f"no adapter weights at {path}: expected a directory written by save_pretrained()")
+        try:
+            saved = load_file(str(path))
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise SmopeError(f"cannot read {path} ({exc}); the file is damaged: save the adapter again") from exc
+        own = self.adapter_state_dict()
+        missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+        wrong = [k for k in own.keys() & saved.keys() if own[k].shape != saved[k].shape]
+        if missing or unexpected or wrong:
+            raise SmopeError(
+                f"adapter at {directory} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"wrong shape {wrong[:3]}): attach with the same SMoPEConfig and backbone it was saved from"
+            )
+        self.base_model.load_state_dict({k[len(PEFT_KEY_PREFIX):]: v for k, v in saved.items()}, strict=False)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike) -> "SMoPEModel":
+        """Attach to a fresh backbone with the saved config, then load the saved adapter."""
+        config_path = Path(directory) / ADAPTER_CONFIG_NAME
+        if not config_path.is_file():
+            raise SmopeError(f"no {ADAPTER_CONFIG_NAME} in {directory}: expected a directory written by save_pretrained()")
+        smope_model = attach(model, SMoPEConfig.from_pretrained(str(directory)))
+        smope_model.load_adapter(directory)
+        return smope_model
+
+
+def attach(model: nn.Module, config: SMoPEConfig | None = None) -> SMoPEModel:
+    """Freeze ``model``, wrap the attention of ``config.layers`` and return a :class:`SMoPEModel`.
+
+    The classifier head (or ``config.modules_to_save``) stays trainable. Load pretrained
+    backbone weights before attaching: wrapping renames ``attn.qkv`` to ``attn.base_layer.qkv``.
+    """
+    config = config or SMoPEConfig()
+    if isinstance(model, SMoPEModel):
+        raise SmopeError("this model already has prompt experts attached")
+    blocks = find_attention_blocks(model)
+    if not blocks:
+        raise SmopeError(f"{type(model).__name__} has no attention that SMoPE can wrap. Supported: {SUPPORTED}")
+    config.validate_for(len(blocks))
+    if config.modules_to_save is None:
+        config.modules_to_save = classifier_names(model)
+
+    model.requires_grad_(False)
+    for index in config.layers:
+        name, attention = blocks[index]
+        num_heads, head_dim = _heads_of(attention)
+        prompted = _wrapper_for(attention)(attention, config, num_heads, head_dim)
+        prompted.to(next(attention.parameters()).device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, prompted)
+    for name in config.modules_to_save:
+        model.get_submodule(name).requires_grad_(True)
+    return SMoPEModel(model, config)
+
+
+def prompted_layers(model: nn.Module) -> list[PromptedAttention]:
+    """The prompted attention layers of ``model``, in block order."""
+    return [m for m in model.modules() if isinstance(m, PromptedAttention)]
+
+
+def _require_layers(model: nn.Module) -> list[PromptedAttention]:
+    layers = prompted_layers(model)
+    if not layers:
+        raise SmopeError("the model has no prompt experts: call smope.attach(model, config) first")
+    return layers
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Switch every prompted layer to ``"sparse"`` (top-K) or ``"dense"`` (all experts)."""
+    for layer in _require_layers(model):
+        layer.set_mode(mode)
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the weighted router + prototype losses of the last forward, ``None`` if none."""
+    losses = [layer.aux_loss for layer in _require_layers(model) if layer.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+def accumulate_usage(model: nn.Module) -> None:
+    """Add the last forward's top-K experts to the usage counts (the usage pass, SPEC section 4)."""
+    for layer in _require_layers(model):
+        layer.record_usage()
+
+
+def begin_task(model: nn.Module) -> None:
+    """Flag frequent experts and snapshot keys/values: call at the start of every task after the first."""
+    for layer in _require_layers(model):
+        layer.experts.begin_task()
+
+
+def expert_usage(model: nn.Module) -> torch.Tensor:
+    """Usage counts of every prompted layer, stacked as (layers, heads, experts)."""
+    return torch.stack([layer.experts.counts for layer in _require_layers(model)])
+
+
+def prompt_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    for layer in prompted_layers(model):
+        yield from layer.experts.parameters()
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable / prompt / head / frozen / total parameter counts."""
+    prompt_ids = {id(p) for p in prompt_parameters(model)}
+    counts = {"trainable": 0, "prompt": 0, "head": 0, "frozen": 0, "total": 0}
+    for p in model.parameters():
+        n = p.numel()
+        counts["total"] += n
+        if id(p) in prompt_ids:
+            counts["prompt"] += n
+        if p.requires_grad:
+            counts["trainable"] += n
+            counts["head"] += 0 if id(p) in prompt_ids else n
+        else:
+            counts["frozen"] += n
+    return counts

@@ -1,0 +1,18 @@
+"""Tiny random-weight backbones shared by the tests."""
+
+import pytest
+import timm
+import torch
+
+
+def tiny_timm_vit(num_classes: int = 10, **kwargs) -> torch.nn.Module:
+    """A 4-block, 4-head ViT on 32 px images: fast on CPU, same code path as ViT-B."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=4, num_classes=num_classes)
+    args.update(kwargs)
+    return timm.models.vision_transformer.VisionTransformer(**args)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
