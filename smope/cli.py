@@ -1,0 +1,111 @@
+"""The ``smope`` command line: run, eval, report, params.
+
+User-fixable problems (:class:`~smope.errors.SmopeError`) print one line and exit 2;
+an interrupted run says how to resume. Finished tasks are always on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import SmopeError
+
+DEMO_CONFIG = "configs/demo.yaml"
+
+
+def _summary(metrics: dict, out: str) -> str:
+    lines = [f"\n{metrics['method']} on {metrics['dataset']} ({metrics['num_tasks']} tasks, seeds {metrics['seeds']})"]
+    curve = "  ".join(f"{a:.1f}" for a in metrics["average_accuracy"])
+    lines.append(f"  average accuracy after each task (%): {curve}")
+    std = lambda key: f" +- {metrics[key + '_std']:.2f}" if len(metrics["seeds"]) > 1 else ""  # noqa: E731
+    lines.append(f"  final average accuracy: {metrics['final_average_accuracy']:.2f}%{std('final_average_accuracy')}")
+    lines.append(f"  cumulative average accuracy: {metrics['cumulative_average_accuracy']:.2f}%{std('cumulative_average_accuracy')}")
+    lines.append(f"  final forgetting: {metrics['final_forgetting']:.2f}{std('final_forgetting')}")
+    lines.append(f"  trainable parameters: {metrics['trainable_parameters']:,d}")
+    lines.append(f"  outputs: {out}/ (metrics.json, metrics.csv, log.jsonl, config.yaml, seed_*/task_*.safetensors)")
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .experiment import run_experiment
+    from .runconfig import load_config
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path and not Path(config_path).exists():
+        overrides.insert(0, config_path)  # `smope run train.epochs=1`: no file, only overrides
+        config_path = None
+    if config_path is None and Path(DEMO_CONFIG).is_file():
+        config_path = DEMO_CONFIG
+    config = load_config(config_path, overrides)
+    try:
+        metrics = run_experiment(config)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished tasks are saved in {config.output_dir}; run the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    print(_summary(metrics, config.output_dir))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .experiment import evaluate_run
+
+    result = evaluate_run(Path(args.run_dir))
+    print(f"re-evaluated {args.run_dir}: final average accuracy {result['final_average_accuracy']:.2f}%, "
+          f"forgetting {result['final_forgetting']:.2f} (written to {args.run_dir}/eval.json)")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    for path in write_report(Path(args.run_dir)):
+        print(path)
+
+
+def cmd_params(args: argparse.Namespace) -> None:
+    from .reports import parameter_table
+
+    layers = [int(i) for i in args.layers.split(",")] if args.layers else None
+    print(parameter_table(args.model, args.num_classes, args.method, args.num_experts, args.top_k, layers, args.img_size))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smope", description="Sparse mixtures of prompt experts for continual learning")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) an experiment")
+    run.add_argument("config", nargs="?", help=f"YAML config (default: {DEMO_CONFIG} or the built-in demo defaults)")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 data.root=/data")
+    run.set_defaults(func=cmd_run)
+
+    evaluate = sub.add_parser("eval", help="re-evaluate a run from its checkpoints")
+    evaluate.add_argument("run_dir")
+    evaluate.set_defaults(func=cmd_eval)
+
+    report = sub.add_parser("report", help="plots and a Markdown summary of a run")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+
+    params = sub.add_parser("params", help="parameter counts of a method on a backbone (random weights, nothing downloaded)")
+    params.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
+    params.add_argument("--num-classes", type=int, required=True)
+    params.add_argument("--method", default="smope")
+    params.add_argument("--num-experts", type=int, default=25)
+    params.add_argument("--top-k", type=int, default=5)
+    params.add_argument("--layers", default=None, help="comma-separated prompted blocks (default 0,1,2,3,4,5)")
+    params.add_argument("--img-size", type=int, default=None)
+    params.set_defaults(func=cmd_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SmopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Datasets, class-incremental scenarios, transforms and a tensor cache."""
+
+from .cache import cache_dataset
+from .datasets import (
+    DATASETS,
+    FASHION_MNIST_DEBIAN_DIR,
+    SPLIT_SEED,
+    ArrayDataset,
+    FileDataset,
+    LabelledDataset,
+    load_dataset,
+    split_per_class,
+)
+from .scenario import ClassIncrementalScenario, RemappedSubset, class_order, split_classes
+from .transforms import AUGMENTATIONS, backbone_norm, build_transform
+
+__all__ = [
+    "AUGMENTATIONS",
+    "DATASETS",
+    "FASHION_MNIST_DEBIAN_DIR",
+    "SPLIT_SEED",
+    "ArrayDataset",
+    "ClassIncrementalScenario",
+    "FileDataset",
+    "LabelledDataset",
+    "RemappedSubset",
+    "backbone_norm",
+    "build_transform",
+    "cache_dataset",
+    "class_order",
+    "load_dataset",
+    "split_classes",
+    "split_per_class",
+]

@@ -1,0 +1,287 @@
+"""Running a continual-learning experiment: data, tasks, evaluation, checkpoints, resume.
+
+Output directory layout::
+
+    config.yaml                  the resolved configuration
+    metrics.json / metrics.csv   accuracy matrix and metrics, per seed and aggregated
+    log.jsonl                    one line per finished task
+    seed_<s>/task_<t>.safetensors  everything task t+1 needs (atomic; the resume points)
+
+Each task starts from an RNG seeded by (seed, task), so a run resumed from a checkpoint
+ends with the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from . import metrics as cl_metrics
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import ClassIncrementalScenario, backbone_norm, build_transform, cache_dataset, load_dataset
+from .errors import SmopeError
+from .learners import Learner, TaskContext, create_learner
+from .model import count_parameters
+from .runconfig import RunConfig, dump_config
+
+# Keys that change how a run executes but not its numbers: a resume may differ in them.
+EXECUTION_KEYS = {("train", "progress"), ("train", "device"), ("data", "num_workers"), ("output_dir",), ("seeds",)}
+
+
+class TensorImages(Dataset):
+    """Transformed images of a split held in memory, with the ``targets``/``classes`` a scenario needs."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> None:
+        self.images, self.targets, self.classes = images, targets.tolist(), classes
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], self.targets[index]
+
+
+class TransformedView(Dataset):
+    """A labelled dataset restricted to some indices, with a transform applied on access."""
+
+    def __init__(self, dataset: Dataset, indices: list[int], transform) -> None:
+        self.dataset, self.indices, self.transform = dataset, indices, transform
+        all_targets = np.asarray(dataset.targets)
+        self.targets = all_targets[indices].tolist()
+        self.classes = list(dataset.classes)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[self.indices[index]]
+        return self.transform(image), label
+
+
+def _limit_per_class(targets: list[int], limit: int | None) -> list[int]:
+    """The first ``limit`` indices of every class (all indices when ``limit`` is None)."""
+    if limit is None:
+        return list(range(len(targets)))
+    taken: dict[int, int] = {}
+    keep = []
+    for index, label in enumerate(targets):
+        if taken.get(label, 0) < limit:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(index)
+    return keep
+
+
+@dataclass
+class PreparedData:
+    train: Dataset
+    test: Dataset
+    num_classes: int
+
+
+def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
+    data = config.data
+    return tuple(load_dataset(data.name, data.root, train=train, download=data.download) for train in (True, False))
+
+
+def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, raw_test: Dataset) -> PreparedData:
+    """Transform both splits for ``model`` (its resolution, mean and std) and cache them when allowed."""
+    data = config.data
+    mean, std = backbone_norm(model)
+    img_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else config.model.img_size
+    splits = []
+    for raw, train, limit in ((raw_train, True, data.train_per_class), (raw_test, False, data.test_per_class)):
+        augment = data.augment if train else []
+        view = TransformedView(raw, _limit_per_class(list(raw.targets), limit), build_transform(img_size, mean, std, train, augment))
+        if data.cache and not augment:
+            images, labels = cache_dataset(view, num_workers=data.num_workers).tensors
+            view = TensorImages(images, labels, view.classes)
+        splits.append(view)
+    return PreparedData(splits[0], splits[1], len(raw_train.classes))
+
+
+def task_seed(seed: int, task: int) -> int:
+    return seed * 1000 + task
+
+
+def evaluate(learner: Learner, scenario: ClassIncrementalScenario, task: int, progress: bool) -> list[float]:
+    """Accuracy (percent) on each task 0..task's test set, predicting among all seen classes."""
+    seen = scenario.seen_classes(task)
+    row = []
+    for j in tqdm(range(task + 1), desc=f"evaluate after task {task + 1}", disable=not progress, leave=False):
+        correct = total = 0
+        for images, labels in learner.loader(scenario.test_dataset(j), learner.config.train.eval_batch_size, shuffle=False):
+            predictions = learner.logits(images)[:, : seen.stop].argmax(-1).cpu()
+            correct += int((predictions == labels).sum())
+            total += len(labels)
+        row.append(100.0 * correct / max(total, 1))
+    return row
+
+
+def checkpoint_path(seed_dir: Path, task: int) -> Path:
+    return seed_dir / f"task_{task:03d}.safetensors"
+
+
+def finished_tasks(seed_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in seed_dir.glob("task_*.safetensors"))
+
+
+def _comparable(config: dict) -> dict:
+    return {
+        section: ({k: v for k, v in values.items() if (section, k) not in EXECUTION_KEYS} if isinstance(values, dict) else values)
+        for section, values in config.items()
+        if (section,) not in EXECUTION_KEYS
+    }
+
+
+def check_output_dir(out: Path, config: RunConfig) -> None:
+    """Refuse to mix a run with another configuration's checkpoints; write config.yaml."""
+    saved_path = out / "config.yaml"
+    if saved_path.is_file():
+        saved = _comparable(yaml.safe_load(saved_path.read_text()) or {})
+        current = _comparable(config.to_dict())
+        if saved != current:
+            diff = [f"{s}.{k}" for s in current if isinstance(current[s], dict) for k in current[s] if saved.get(s, {}).get(k) != current[s][k]]
+            raise SmopeError(
+                f"{out} holds a run with a different configuration (differs in: {', '.join(diff) or 'sections'}). "
+                f"Set output_dir to a new folder, or delete {out} to start over"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(dump_config(config))
+
+
+class SeedRun:
+    """One seed of an experiment: learner, scenario and the per-task loop with resume."""
+
+    def __init__(self, config: RunConfig, seed: int, out: Path, data: PreparedData | None = None) -> None:
+        self.config, self.seed, self.out = config, seed, out
+        self.seed_dir = out / f"seed_{seed}"
+        self.data = data
+        self.learner: Learner | None = None
+        self.scenario: ClassIncrementalScenario | None = None
+
+    def build(self) -> None:
+        """Learner and scenario; the first seed also loads and transforms the data for the backbone."""
+        raw = None if self.data is not None else load_splits(self.config)
+        num_classes = self.data.num_classes if raw is None else len(raw[0].classes)
+        torch.manual_seed(task_seed(self.seed, 0))  # model initialisation (random heads, prompts)
+        self.learner = create_learner(self.config, num_classes)
+        if raw is not None:
+            self.data = prepare_data(self.config, self.learner.model, *raw)
+        data = self.config.data
+        self.scenario = ClassIncrementalScenario(self.data.train, self.data.test, data.num_tasks, self.seed, data.first_task_classes)
+
+    def test_sizes(self) -> list[int]:
+        return [len(self.scenario.test_dataset(t)) for t in range(self.scenario.num_tasks)]
+
+    def restore(self, task: int) -> dict:
+        tensors, meta = load_checkpoint(checkpoint_path(self.seed_dir, task))
+        rng = tensors.pop("rng_state", None)
+        self.learner.load_state_dict(tensors)
+        if rng is not None:
+            torch.set_rng_state(rng)
+        return meta
+
+    def run(self) -> dict:
+        self.build()
+        progress = self.config.train.progress
+        done = finished_tasks(self.seed_dir)
+        rows: list[list[float]] = []
+        if done:
+            meta = self.restore(done[-1])
+            rows = meta["accuracy_matrix"]
+            tqdm.write(f"seed {self.seed}: resuming after task {done[-1] + 1} from {checkpoint_path(self.seed_dir, done[-1])}")
+        for task in range(len(rows), self.scenario.num_tasks):
+            started = time.time()
+            torch.manual_seed(task_seed(self.seed, task))
+            ctx = TaskContext(
+                task=task,
+                classes=self.scenario.task_classes(task),
+                seen=self.scenario.seen_classes(task),
+                train_data=self.scenario.train_dataset(task),
+                seed=task_seed(self.seed, task),
+            )
+            self.learner.train_task(ctx)
+            self.learner.after_task(ctx)
+            rows.append(evaluate(self.learner, self.scenario, task, progress))
+            seconds = time.time() - started
+            meta = {"seed": self.seed, "task": task, "accuracy_matrix": rows, "num_tasks": self.scenario.num_tasks}
+            state = {**self.learner.state_dict(), "rng_state": torch.get_rng_state()}
+            save_checkpoint(checkpoint_path(self.seed_dir, task), state, meta)
+            entry = {"seed": self.seed, "task": task, "accuracy": rows[-1], "average_accuracy": float(np.mean(rows[-1])), "seconds": round(seconds, 2)}
+            with open(self.out / "log.jsonl", "a") as log:
+                log.write(json.dumps(entry) + "\n")
+            tqdm.write(f"seed {self.seed} task {task + 1}/{self.scenario.num_tasks}: average accuracy {entry['average_accuracy']:.2f}% ({seconds:.0f}s)")
+        return {"seed": self.seed, **cl_metrics.summarize(rows, self.test_sizes())}
+
+
+def write_metrics(out: Path, config: RunConfig, per_seed: list[dict], learner: Learner) -> dict:
+    counts = count_parameters(learner.model)
+    result = {
+        "method": config.method.name,
+        "dataset": config.data.name,
+        "model": config.model.name,
+        "num_tasks": len(per_seed[0]["accuracy_matrix"]),
+        "seeds": [run["seed"] for run in per_seed],
+        "trainable_parameters": counts["trainable"],
+        "parameters": counts,
+        **cl_metrics.aggregate(per_seed),
+        "per_seed": per_seed,
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    num_tasks = result["num_tasks"]
+    with open(out / "metrics.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["seed", "after_task", "average_accuracy", *[f"task_{j}" for j in range(num_tasks)]])
+        for label, matrix in [(run["seed"], run["accuracy_matrix"]) for run in per_seed] + [("mean", result["accuracy_matrix"])]:
+            for t, row in enumerate(matrix):
+                writer.writerow([label, t, f"{np.mean(row):.4f}", *[f"{a:.4f}" for a in row], *[""] * (num_tasks - len(row))])
+    return result
+
+
+def run_experiment(config: RunConfig) -> dict:
+    """Run (or resume) every seed of ``config`` and write the outputs; returns metrics.json's content."""
+    out = Path(config.output_dir)
+    check_output_dir(out, config)
+    per_seed, data, learner = [], None, None
+    for seed in config.seeds:
+        seed_run = SeedRun(config, seed, out, data)
+        per_seed.append(seed_run.run())
+        data, learner = seed_run.data, seed_run.learner
+    return write_metrics(out, config, per_seed, learner)
+
+
+def evaluate_run(run_dir: Path) -> dict:
+    """Re-evaluate every task checkpoint of a finished or partial run; writes eval.json."""
+    from .runconfig import load_config
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise SmopeError(f"{run_dir} is not a run directory: it has no config.yaml (run 'smope run CONFIG' first)")
+    config = load_config(config_path)
+    per_seed, data = [], None
+    for seed in config.seeds:
+        seed_run = SeedRun(config, seed, run_dir, data)
+        tasks = finished_tasks(seed_run.seed_dir)
+        if not tasks:
+            continue
+        seed_run.build()
+        data = seed_run.data
+        rows = []
+        for task in tasks:
+            seed_run.restore(task)
+            rows.append(evaluate(seed_run.learner, seed_run.scenario, task, config.train.progress))
+        per_seed.append({"seed": seed, **cl_metrics.summarize(rows, seed_run.test_sizes())})
+    if not per_seed:
+        raise SmopeError(f"{run_dir} has no task checkpoints yet: nothing to evaluate")
+    result = {**cl_metrics.aggregate(per_seed), "per_seed": per_seed}
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,21 @@
+"""Continual learners, selected by ``method.name``."""
+
+from __future__ import annotations
+
+from ..errors import SmopeError
+from ..runconfig import RunConfig
+from .base import Learner, TaskContext
+from .smope_learner import SMoPELearner
+
+LEARNERS: dict[str, type[Learner]] = {"smope": SMoPELearner}
+
+
+def create_learner(config: RunConfig, num_classes: int) -> Learner:
+    try:
+        cls = LEARNERS[config.method.name]
+    except KeyError:
+        raise SmopeError(f"unknown method.name '{config.method.name}'; choose one of {', '.join(sorted(LEARNERS))}") from None
+    return cls(config, num_classes)
+
+
+__all__ = ["LEARNERS", "Learner", "SMoPELearner", "TaskContext", "create_learner"]

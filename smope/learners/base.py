@@ -1,0 +1,181 @@
+"""What every continual learner shares: the task context, the training loop and evaluation.
+
+A learner owns its network and implements :meth:`Learner.train_task`; the trainer drives
+tasks, evaluation, metrics and checkpoints, so methods differ only in what they train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..errors import SmopeError
+from ..runconfig import RunConfig
+
+
+@dataclass
+class TaskContext:
+    """Everything a learner is told about the task at hand (never the test data)."""
+
+    task: int
+    classes: range  # labels of this task
+    seen: range  # labels of tasks 0..task
+    train_data: Dataset
+    seed: int
+
+
+def masked_logits(logits: torch.Tensor, classes: range) -> torch.Tensor:
+    """Logits of the classes seen so far, with earlier tasks' classes masked out (SPEC section 6)."""
+    logits = logits[:, : classes.stop]
+    if classes.start == 0:
+        return logits
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask[:, : classes.start] = True
+    return logits.masked_fill(mask, float("-inf"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise SmopeError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
+
+
+class Learner:
+    """Base class of continual-learning methods.
+
+    Subclasses build ``self.model`` in ``__init__`` and implement :meth:`train_task`; they may
+    extend :meth:`after_task`, :meth:`logits` and the checkpoint state.
+    """
+
+    name = "base"
+
+    def __init__(self, config: RunConfig, num_classes: int) -> None:
+        self.config = config
+        self.num_classes = num_classes
+        self.device = resolve_device(config.train.device)
+        self.model: nn.Module
+
+    # Hooks -------------------------------------------------------------------------------
+    def train_task(self, ctx: TaskContext) -> None:
+        raise NotImplementedError
+
+    def after_task(self, ctx: TaskContext) -> None:
+        """Work between tasks (statistics, alignment); nothing by default."""
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        with self.autocast():
+            return self.model(images.to(self.device)).float()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the next task needs, nothing frozen: the trainable parameters and buffers."""
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: t for n, t in self.model.state_dict().items() if n in trainable}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        result = self.model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise SmopeError(f"checkpoint has entries this {self.name} model lacks: {result.unexpected_keys[:3]}")
+
+    # Shared machinery ----------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        precision = self.config.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def loader(self, data: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def fit(
+        self,
+        param_groups: list[dict],
+        data: Dataset,
+        epochs: int,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        seed: int,
+        description: str,
+        weight_decay: float | None = None,
+        lr_floor: float | None = None,
+    ) -> None:
+        """AdamW with per-iteration cosine decay over ``epochs`` of ``data``; NaN losses stop the run."""
+        train = self.config.train
+        loader = self.loader(data, train.batch_size, shuffle=True, seed=seed)
+        steps = max(1, epochs * len(loader))
+        optimizer = torch.optim.AdamW(param_groups, weight_decay=train.weight_decay if weight_decay is None else weight_decay)
+        floor = train.min_lr if lr_floor is None else lr_floor
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_to(floor, [g["lr"] for g in param_groups], steps))
+        scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
+        params = [p for g in param_groups for p in g["params"]]
+        bar = tqdm(total=steps, desc=description, disable=not train.progress, leave=False, unit="it")
+        for epoch in range(epochs):
+            for images, labels in loader:
+                images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                with self.autocast():
+                    loss = loss_fn(images, labels)
+                if not torch.isfinite(loss):
+                    bar.close()
+                    raise SmopeError(
+                        f"the loss became {loss.item()} in '{description}' (epoch {epoch + 1}); lower train.lr or use "
+                        "train.precision=fp32. Finished tasks are saved: the same command resumes after them"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                self.sync_gradients(params)
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                bar.update()
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        bar.close()
+
+    def sync_gradients(self, params: Iterable[nn.Parameter]) -> None:
+        """All-reduce hook for data-parallel runs; a no-op on one process."""
+
+    def features_and_labels(self, data: Dataset, forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` over ``data`` in eval mode without gradients, concatenated."""
+        outputs, labels = [], []
+        self.model.eval()
+        with torch.no_grad():
+            for images, batch_labels in self.loader(data, self.config.train.eval_batch_size, shuffle=False):
+                with self.autocast():
+                    outputs.append(forward(images.to(self.device)).float().cpu())
+                labels.append(batch_labels)
+        return torch.cat(outputs), torch.cat(labels)
+
+
+def _cosine_to(floor: float, base_lrs: list[float], steps: int) -> list[Callable[[int], float]]:
+    """Per-group multipliers that decay each learning rate from its base to ``floor`` by a cosine."""
+
+    def multiplier(base: float) -> Callable[[int], float]:
+        low = min(floor / base, 1.0)
+        return lambda step: low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+    return [multiplier(lr) for lr in base_lrs]
+
+
+def cross_entropy_on(classes: range) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy over the seen classes with earlier tasks masked, as a function of logits."""
+    return lambda logits, labels: F.cross_entropy(masked_logits(logits.float(), classes), labels)

@@ -1,0 +1,114 @@
+"""The SMoPE learner: one shared sparse prompt for all tasks (SPEC section 6)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbones import create_backbone
+from ..config import SMoPEConfig
+from ..errors import SmopeError
+from ..model import PEFT_KEY_PREFIX, accumulate_usage, attach, auxiliary_loss, begin_task, prompt_parameters, set_mode
+from ..runconfig import RunConfig
+from .alignment import ClassStatistics, align_head
+from .base import Learner, TaskContext, cross_entropy_on
+
+
+def smope_config(config: RunConfig) -> SMoPEConfig:
+    method = config.method
+    try:
+        return SMoPEConfig(
+            num_experts=method.num_experts,
+            top_k=method.top_k,
+            layers=list(method.layers),
+            noise_eps=method.noise_eps,
+            router_weight=method.router_weight,
+            proto_weight=method.proto_weight,
+            init=method.init,
+        )
+    except ValueError as exc:
+        raise SmopeError(f"invalid method settings: {exc} (config keys method.*)") from exc
+
+
+class PromptLearner(Learner):
+    """Shared machinery of learners built on prompt experts plus a linear head with alignment."""
+
+    def __init__(self, config: RunConfig, num_classes: int) -> None:
+        super().__init__(config, num_classes)
+        backbone = create_backbone(config.model, num_classes)
+        self.model = attach(backbone, smope_config(config)).to(self.device)
+        self.stats = ClassStatistics(num_classes, self.model.num_features)
+
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The normalised class-token feature the head sees."""
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+    def param_groups(self) -> list[dict]:
+        lr = self.config.train.lr
+        prompts = list(prompt_parameters(self.model))
+        prompt_ids = {id(p) for p in prompts}
+        head = [p for p in self.model.parameters() if p.requires_grad and id(p) not in prompt_ids]
+        return [{"params": prompts, "lr": lr * self.config.train.prompt_lr_scale}, {"params": head, "lr": lr}]
+
+    def train_phase(self, ctx: TaskContext, epochs: int, description: str) -> None:
+        criterion = cross_entropy_on(ctx.classes)
+
+        def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            self.model.train()
+            loss = criterion(self.model(images), labels)
+            aux = auxiliary_loss(self.model)
+            return loss if aux is None else loss + aux
+
+        self.fit(self.param_groups(), ctx.train_data, epochs, loss_fn, ctx.seed, description)
+
+    def after_task(self, ctx: TaskContext) -> None:
+        """Usage pass and class statistics in one eval-mode sweep, then classifier alignment."""
+
+        def features_with_usage(images: torch.Tensor) -> torch.Tensor:
+            features = self.pooled_features(images)
+            accumulate_usage(self.model)
+            return features
+
+        features, labels = self.features_and_labels(ctx.train_data, features_with_usage)
+        self.stats.update(features, labels)
+        method = self.config.method
+        if ctx.task > 0 and method.align:
+            align_head(
+                self.head,
+                self.stats,
+                ctx.seen,
+                epochs=method.align_epochs,
+                lr=method.align_lr,
+                samples_per_class=method.align_samples_per_class,
+                batch_size=self.config.train.batch_size,
+                seed=ctx.seed,
+            )
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_classifier()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.model.adapter_state_dict(), **self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.stats.load_state_dict(state)
+        self.model.load_adapter_state_dict({k: v for k, v in state.items() if k.startswith(PEFT_KEY_PREFIX)})
+
+
+class SMoPELearner(PromptLearner):
+    """Sparse prompt experts with adaptive noise, router and prototype losses."""
+
+    name = "smope"
+
+    def train_task(self, ctx: TaskContext) -> None:
+        if ctx.task > 0:
+            begin_task(self.model)
+        epochs = self.config.train.epochs
+        warmup = self.config.method.warmup_epochs
+        warmup = epochs // 2 if warmup is None else warmup
+        if ctx.task == 0 and warmup > 0:
+            set_mode(self.model, "dense")
+            self.train_phase(ctx, warmup, f"task {ctx.task + 1} dense warm-up")
+        set_mode(self.model, "sparse")
+        self.train_phase(ctx, epochs, f"task {ctx.task + 1}")

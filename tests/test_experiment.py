@@ -1,0 +1,126 @@
+"""End-to-end runs of the tiny config through the CLI: outputs, learning, resume, bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from smope import cli
+from smope.experiment import SeedRun
+from smope.learners.smope_learner import SMoPELearner
+
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+
+
+def run_cli(*args: str) -> None:
+    cli.main(list(args))
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    run_cli("run", TINY, f"output_dir={out}")
+    return out
+
+
+def test_run_writes_every_output_and_learns(finished_run, capsys):
+    out = finished_run
+    for name in ("config.yaml", "metrics.json", "metrics.csv", "log.jsonl"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "seed_0").iterdir()) == [f"task_{t:03d}.safetensors" for t in range(3)]
+    metrics = read_metrics(out)
+    matrix = metrics["accuracy_matrix"]
+    assert [len(row) for row in matrix] == [1, 2, 3]
+    for key in ("final_average_accuracy", "cumulative_average_accuracy", "final_forgetting"):
+        assert key in metrics and key in metrics["per_seed"][0]
+    assert metrics["final_average_accuracy"] > 15.0  # chance is 10% over the 10 digits
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 3 + 3
+
+
+def test_interrupted_run_resumes_to_the_same_metrics(finished_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original = SeedRun.restore
+    real_train = SMoPELearner.train_task
+
+    def interrupt_at_third_task(self, ctx):
+        if ctx.task == 2:
+            raise KeyboardInterrupt
+        return real_train(self, ctx)
+
+    monkeypatch.setattr(SMoPELearner, "train_task", interrupt_at_third_task)
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("run", TINY, f"output_dir={out}")
+    assert stopped.value.code == 130
+    assert sorted(p.name for p in (out / "seed_0").iterdir()) == ["task_000.safetensors", "task_001.safetensors"]
+    monkeypatch.setattr(SMoPELearner, "train_task", real_train)
+
+    restored = []
+    monkeypatch.setattr(SeedRun, "restore", lambda self, task: restored.append(task) or original(self, task))
+    run_cli("run", TINY, f"output_dir={out}")
+    assert restored == [1]
+    assert read_metrics(out)["per_seed"] == read_metrics(finished_run)["per_seed"]
+
+
+def test_eval_reproduces_the_metrics(finished_run):
+    run_cli("eval", str(finished_run))
+    evaluated = json.loads((finished_run / "eval.json").read_text())
+    assert evaluated["accuracy_matrix"] == read_metrics(finished_run)["accuracy_matrix"]
+
+
+def test_corrupt_checkpoint_is_reported_and_nothing_is_lost(finished_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    shutil.rmtree(out / "seed_0")
+    (out / "seed_0").mkdir()
+    shutil.copy(finished_run / "seed_0" / "task_000.safetensors", out / "seed_0")
+    (out / "seed_0" / "task_001.safetensors").write_bytes(b"\0garbage")
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("run", TINY, f"output_dir={out}")
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert "task_001.safetensors is damaged" in message and "Delete it" in message
+    assert (out / "seed_0" / "task_000.safetensors").stat().st_size > 0  # the finished task is kept
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.epoch=3", "unknown config key 'train.epoch'; did you mean 'train.epochs'"),
+        ("train.epochs=many", "config key 'train.epochs' must be int"),
+        ("data.name=imagefolder", "data.root"),
+        ("method.top_k=99", "top_k"),
+        ("model.name=vit_nonexistent_patch16", "unknown model.name"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(override, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("run", TINY, f"output_dir={tmp_path / 'run'}", override)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err
+    assert "Traceback" not in err
+
+
+def test_missing_data_root_names_the_path(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(SystemExit):
+        run_cli("run", TINY, f"output_dir={tmp_path / 'run'}", "data.name=cub200", f"data.root={missing}")
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_changed_config_does_not_mix_with_an_old_run(finished_run, capsys):
+    with pytest.raises(SystemExit):
+        run_cli("run", TINY, f"output_dir={finished_run}", "train.lr=0.5")
+    assert "different configuration (differs in: train.lr)" in capsys.readouterr().err
+
+
+def test_params_command_prints_the_paper_count(capsys):
+    run_cli("params", "--model", "vit_base_patch16_224", "--num-classes", "200")
+    out = capsys.readouterr().out
+    assert "384,200" in out and "230,400" in out
