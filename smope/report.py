@@ -1,0 +1,255 @@
+"""Plots and a Markdown summary of a run: ``smope report RUN_DIR``.
+
+Everything is read from what a run already wrote (``metrics.json``, or ``eval.json`` of a
+partial run, and the last task checkpoint of the first seed), so a report can be made long
+after the run, on a machine without the data or a GPU. The files go to ``RUN_DIR/report/``.
+
+Figures use matplotlib's object API on an Agg canvas rather than pyplot: no global backend
+switch and no figure registry, so calling this from a notebook or a server leaves its
+plotting state alone and leaks no open figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .checkpoint import load_checkpoint
+from .errors import SmopeError
+from .experiment import checkpoint_path, finished_tasks
+
+REPORT_DIR = "report"
+ADAPTER_PREFIX = "base_model.model."
+COUNTS_SUFFIX = ".experts.counts"
+# Summary-table columns of metrics given as mean ± std: (header, metrics.json key).
+METRIC_COLUMNS = (
+    ("FAA (%)", "final_average_accuracy"),
+    ("CAA (%)", "cumulative_average_accuracy"),
+    ("forgetting", "final_forgetting"),
+    ("BWT", "bwt"),
+    ("pooled acc. (%)", "pooled_accuracy"),
+)
+
+__all__ = ["format_mean_std", "load_expert_usage", "load_results", "write_report"]
+
+
+def load_results(run_dir: Path) -> dict:
+    """``metrics.json`` of a finished run; for a partial run, ``eval.json`` plus names from ``config.yaml``.
+
+    A partial run has no trainable-parameter count (only the finished run builds the model
+    for it), so that field is None there.
+    """
+    if not run_dir.is_dir():
+        raise SmopeError(f"{run_dir} is not a directory: give the output_dir of a run, e.g. 'smope report runs/demo'")
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        return json.loads(metrics.read_text())
+    evaluated, config_path = run_dir / "eval.json", run_dir / "config.yaml"
+    if evaluated.is_file() and config_path.is_file():
+        config = yaml.safe_load(config_path.read_text())
+        result = json.loads(evaluated.read_text())
+        return {
+            "method": config["method"]["name"],
+            "dataset": config["data"]["name"],
+            "model": config["model"]["name"],
+            "num_tasks": config["data"]["num_tasks"],
+            "seeds": [run["seed"] for run in result["per_seed"]],
+            "trainable_parameters": None,
+            **result,
+        }
+    raise SmopeError(
+        f"{run_dir} has no metrics.json: finish the run with 'smope run CONFIG output_dir={run_dir}' first, "
+        f"or for a partial run evaluate its checkpoints with 'smope eval {run_dir}'"
+    )
+
+
+def load_expert_usage(run_dir: Path, seed: int) -> tuple[dict[str, np.ndarray], int] | None:
+    """Usage counts summed over heads, ``{layer path: (experts,)}`` in block order, and the task they are from.
+
+    Counts accumulate over tasks, so the last checkpoint of a seed holds the whole run's
+    usage. None when the seed has no checkpoint or the method keeps no usage counts.
+    """
+    seed_dir = run_dir / f"seed_{seed}"
+    tasks = finished_tasks(seed_dir)
+    if not tasks:
+        return None
+    tensors, _ = load_checkpoint(checkpoint_path(seed_dir, tasks[-1]))
+    usage = {
+        name.removeprefix(ADAPTER_PREFIX).removesuffix(COUNTS_SUFFIX): counts.sum(0).numpy()
+        for name, counts in tensors.items()
+        if name.endswith(COUNTS_SUFFIX)
+    }
+    if not usage:
+        return None
+    return {path: usage[path] for path in sorted(usage, key=_block_order)}, tasks[-1]
+
+
+def _block_order(path: str) -> list[tuple[int, int | str]]:
+    """Sort key that puts blocks.2 before blocks.10 (plain string order would not)."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in path.split(".")]
+
+
+def format_mean_std(results: dict, key: str) -> str:
+    """``mean ± std`` over seeds with two decimals, the form of every metric in the summary."""
+    return f"{results[key]:.2f} ± {results[key + '_std']:.2f}"
+
+
+def _figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _run_label(results: dict) -> str:
+    seeds = results["seeds"]
+    over = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+    return f"{results['method']} on {results['dataset']}, {over}"
+
+
+def plot_average_accuracy(results: dict, path: Path) -> Path:
+    """Average accuracy over the seen tasks after each task: mean over seeds, with a ±std band."""
+    curves = np.array([run["average_accuracy"] for run in results["per_seed"]])
+    mean, std = curves.mean(0), curves.std(0)  # population std, as in metrics.json
+    tasks = np.arange(1, len(mean) + 1)
+    figure = _figure(max(5.0, 0.45 * len(tasks) + 2.0), 4.0)
+    ax = figure.add_subplot()
+    if len(curves) > 1:
+        ax.fill_between(tasks, mean - std, mean + std, alpha=0.25, label="± std over seeds")
+    ax.plot(tasks, mean, marker="o", label="mean over seeds" if len(curves) > 1 else None)
+    for task, value in zip(tasks, mean):
+        ax.annotate(f"{value:.1f}", (task, value), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    if len(curves) > 1:
+        ax.legend(loc="lower left")
+    ax.set(xticks=tasks, ylim=(0, 105), xlabel="tasks learned", ylabel="average accuracy on seen tasks (%)")
+    ax.set_title(f"Average accuracy after each task\n{_run_label(results)}")
+    ax.grid(alpha=0.3)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def plot_accuracy_matrix(results: dict, path: Path) -> Path:
+    """Heatmap of A[t][j], the accuracy on task j after training task t (mean over seeds)."""
+    rows = results["accuracy_matrix"]
+    num = len(rows)
+    grid = np.full((num, num), np.nan)
+    for t, row in enumerate(rows):
+        grid[t, : len(row)] = row
+    side = max(4.5, 0.5 * num + 2.0)
+    figure = _figure(side + 1.0, side)
+    ax = figure.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0, vmax=100)
+    digits, size = (1, 9) if num <= 10 else (0, 7)  # whole numbers keep 20 x 20 cells legible
+    for t, row in enumerate(rows):
+        for j, value in enumerate(row):
+            ax.text(j, t, f"{value:.{digits}f}", ha="center", va="center", fontsize=size, color="black" if value > 60 else "white")
+    ticks = np.arange(num)
+    ax.set_xticks(ticks, [str(j + 1) for j in ticks])
+    ax.set_yticks(ticks, [str(t + 1) for t in ticks])
+    ax.set(xlabel="evaluated task", ylabel="after training task")
+    ax.set_title(f"Accuracy on each task (%)\n{_run_label(results)}")
+    figure.colorbar(image, ax=ax, label="accuracy (%)", shrink=0.8)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def _compact(count: float) -> str:
+    if count >= 1e6:
+        return f"{count / 1e6:.1f}M"
+    if count >= 1e4:
+        return f"{count / 1e3:.0f}k"
+    return f"{count:.0f}"
+
+
+def plot_expert_usage(usage: dict[str, np.ndarray], seed: int, task: int, path: Path) -> Path:
+    """Heatmap of how often each expert of each prompted layer was in the top-K, summed over heads.
+
+    Experts at 0 were never chosen in training; evaluation penalises them (SPEC section 4).
+    """
+    counts = np.stack(list(usage.values()))
+    num_layers, num_experts = counts.shape
+    figure = _figure(max(5.0, 0.42 * num_experts + 2.5), max(2.8, 0.45 * num_layers + 1.8))
+    ax = figure.add_subplot()
+    image = ax.imshow(counts, cmap="magma", aspect="auto", vmin=0)
+    bright = 0.6 * counts.max()
+    for layer in range(num_layers):
+        for expert in range(num_experts):
+            value = counts[layer, expert]
+            ax.text(expert, layer, _compact(value), ha="center", va="center", fontsize=7, color="black" if value > bright else "white")
+    ax.set_xticks(np.arange(num_experts))
+    ax.set_yticks(np.arange(num_layers), list(usage))
+    ax.set(xlabel="expert", ylabel="prompted layer")
+    ax.set_title(f"Expert usage: times in the top-K, summed over heads\nseed {seed}, after task {task + 1} (all tasks so far)")
+    figure.colorbar(image, ax=ax, label="selections")
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def _tasks_cell(results: dict) -> str:
+    done = len(results["accuracy_matrix"])
+    return str(done) if done == results["num_tasks"] else f"{done} of {results['num_tasks']}"
+
+
+def summary_markdown(results: dict, plots: list[Path]) -> str:
+    """The summary table, the average-accuracy row and the plots, as Markdown."""
+    params = results["trainable_parameters"]
+    cells = [
+        results["method"],
+        results["dataset"],
+        _tasks_cell(results),
+        str(len(results["seeds"])),
+        *(format_mean_std(results, key) for _, key in METRIC_COLUMNS),
+        "n/a" if params is None else f"{params:,d}",
+    ]
+    header = ["method", "dataset", "tasks", "seeds", *(name for name, _ in METRIC_COLUMNS), "trainable params"]
+    curves = np.array([run["average_accuracy"] for run in results["per_seed"]])
+    tasks = range(1, curves.shape[1] + 1)
+    lines = [
+        f"# {results['method']} on {results['dataset']}",
+        "",
+        f"Backbone {results['model']}; seeds {', '.join(map(str, results['seeds']))}; every metric is mean ± std over the seeds.",
+        "",
+        _table_row(header),
+        _table_row(["---"] * len(header)),
+        _table_row(cells),
+        "",
+        "Average accuracy on the seen tasks after each task (%):",
+        "",
+        _table_row(["after task", *map(str, tasks)]),
+        _table_row(["---"] * (len(tasks) + 1)),
+        _table_row(["mean", *(f"{a:.2f}" for a in curves.mean(0))]),
+    ]
+    if len(curves) > 1:
+        lines.append(_table_row(["std", *(f"{s:.2f}" for s in curves.std(0))]))
+    lines.append("")
+    for plot in plots:
+        lines += [f"![{plot.stem.replace('_', ' ')}]({plot.name})", ""]
+    return "\n".join(lines)
+
+
+def _table_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def write_report(run_dir: Path) -> list[Path]:
+    """Write the plots and ``summary.md`` into ``run_dir/report/``; returns their paths, summary last."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    out = run_dir / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    plots = [
+        plot_average_accuracy(results, out / "average_accuracy.png"),
+        plot_accuracy_matrix(results, out / "accuracy_matrix.png"),
+    ]
+    seed = results["seeds"][0]
+    usage = load_expert_usage(run_dir, seed)
+    if usage is not None:
+        counts, task = usage
+        plots.append(plot_expert_usage(counts, seed, task, out / "expert_usage.png"))
+    summary = out / "summary.md"
+    summary.write_text(summary_markdown(results, plots))
+    return [*plots, summary]

@@ -1,0 +1,99 @@
+"""`smope report` and experiments/collect.py on a finished tiny run: files, images, numbers, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+
+from smope import cli
+from smope.errors import SmopeError
+from smope.metrics import aggregate, summarize
+from smope.report import format_mean_std, write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+COLLECT = ROOT / "experiments" / "collect.py"
+FILES = ["average_accuracy.png", "accuracy_matrix.png", "expert_usage.png", "summary.md"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    cli.main(["run", TINY, f"output_dir={out}"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(finished_run) -> list[Path]:
+    return write_report(finished_run)
+
+
+def test_report_writes_every_file(finished_run, report):
+    assert [p.name for p in report] == FILES
+    assert all(p.parent == finished_run / "report" and p.stat().st_size > 0 for p in report)
+
+
+def test_plots_are_valid_images(report):
+    for path in report[:-1]:
+        image = imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, path.name
+
+
+def test_summary_holds_the_metrics_and_links_the_plots(finished_run, report):
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    summary = report[-1].read_text()
+    faa = f"{metrics['final_average_accuracy']:.2f} ± {metrics['final_average_accuracy_std']:.2f}"
+    assert format_mean_std(metrics, "final_average_accuracy") == faa
+    assert f"| {faa} |" in summary
+    assert f"{metrics['trainable_parameters']:,d}" in summary
+    assert " | ".join(f"{a:.2f}" for a in metrics["average_accuracy"]) in summary
+    for name in FILES[:-1]:
+        assert f"]({name})" in summary
+
+
+def test_usage_plot_is_skipped_without_usage_counts(finished_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text((finished_run / "metrics.json").read_text())
+    assert [p.name for p in write_report(run)] == ["average_accuracy.png", "accuracy_matrix.png", "summary.md"]
+
+
+def test_run_without_metrics_names_the_fix(tmp_path):
+    with pytest.raises(SmopeError, match="has no metrics.json.*smope run.*smope eval"):
+        write_report(tmp_path)
+
+
+def test_partial_run_is_reported_from_eval_json(finished_run, tmp_path):
+    """What 'smope eval' writes for a run stopped after 2 of its 3 tasks."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text((finished_run / "config.yaml").read_text())
+    finished = json.loads((finished_run / "metrics.json").read_text())["per_seed"][0]
+    partial = {"seed": finished["seed"], **summarize(finished["accuracy_matrix"][:2], [100, 100, 100])}
+    (run / "eval.json").write_text(json.dumps({**aggregate([partial]), "per_seed": [partial]}))
+    summary = write_report(run)[-1].read_text()
+    assert "| 2 of 3 |" in summary and "| n/a |" in summary
+
+
+def test_cli_prints_the_report_paths(finished_run, capsys):
+    cli.main(["report", str(finished_run)])
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(finished_run / "report" / name) for name in FILES]
+
+
+def test_cli_reports_a_missing_run_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["report", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_collect_prints_one_row_per_run(finished_run):
+    table = subprocess.run([sys.executable, str(COLLECT), str(finished_run.parent)], capture_output=True, text=True, check=True).stdout
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("| setting |")
+    assert lines[2].startswith(f"| {finished_run.name} | smope | 1 | {format_mean_std(metrics, 'final_average_accuracy')} |")
