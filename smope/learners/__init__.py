@@ -5,9 +5,26 @@ from __future__ import annotations
 from ..errors import SmopeError
 from ..runconfig import RunConfig
 from .base import Learner, TaskContext
+from .frozen_backbone import HeadOnlyLearner, PrototypeLearner
+from .lora import LoRALearner
+from .prompt_pool import CodaPromptLearner, DualPromptLearner, L2PLearner
 from .smope_learner import SMoPELearner
+from .smope_variants import DensePromptLearner, JointLearner
 
-LEARNERS: dict[str, type[Learner]] = {"smope": SMoPELearner}
+LEARNERS: dict[str, type[Learner]] = {
+    cls.name: cls
+    for cls in (
+        SMoPELearner,
+        DensePromptLearner,
+        L2PLearner,
+        DualPromptLearner,
+        CodaPromptLearner,
+        PrototypeLearner,
+        HeadOnlyLearner,
+        LoRALearner,
+        JointLearner,
+    )
+}
 
 
 def create_learner(config: RunConfig, num_classes: int) -> Learner:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import cosine_multipliers
+
 VARIANCE_FLOOR = 1e-4
 
 
@@ -63,10 +65,7 @@ def align_head(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(seen) * samples_per_class / batch_size)
     total = max(1, epochs * steps_per_epoch)
-    low = min(min_lr / lr, 1.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_multipliers(min_lr, [lr], total))
     head.train()
     for _ in range(epochs):
         features, labels = stats.sample(seen, samples_per_class, generator)

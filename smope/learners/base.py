@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import SmopeError
 from ..runconfig import RunConfig
 
@@ -30,6 +31,8 @@ class TaskContext:
     seen: range  # labels of tasks 0..task
     train_data: Dataset
     seed: int
+    # Every task's training data, for the joint-training ceiling only (continual learners ignore it).
+    all_train_data: Dataset | None = None
 
 
 def masked_logits(logits: torch.Tensor, classes: range) -> torch.Tensor:
@@ -43,12 +46,14 @@ def masked_logits(logits: torch.Tensor, classes: range) -> torch.Tensor:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``train.device`` names; in data-parallel runs CUDA means this process's ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
         raise SmopeError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
+    return distributed.process_device(device)
 
 
 class Learner:
@@ -90,6 +95,16 @@ class Learner:
             raise SmopeError(f"checkpoint has entries this {self.name} model lacks: {result.unexpected_keys[:3]}")
 
     # Shared machinery ----------------------------------------------------------------------
+    def compile(self) -> None:
+        """``torch.compile`` the model's forward in place (``train.compile``); parameter names are kept."""
+        # Data-dependent branches in prompted attention break the graph, and AOTAutograd then fails
+        # to replay the views it returns across the break (torch 2.14: "view size is not compatible
+        # with input tensor's size and stride"); rebuilding them with as_strided works.
+        from torch._functorch import config as functorch_config
+
+        functorch_config.view_replay_for_aliased_outputs = False
+        self.model.compile()
+
     def autocast(self) -> contextlib.AbstractContextManager:
         precision = self.config.train.precision
         if precision == "fp32":
@@ -98,12 +113,17 @@ class Learner:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def loader(self, data: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-        generator = torch.Generator().manual_seed(seed)
+        """This process's batches of ``data``; ``batch_size`` is the global batch, split over the processes.
+
+        Shuffled loaders are for training: every process takes the same number of steps (see
+        :class:`~smope.distributed.ShardSampler`). Unshuffled ones visit each sample once over all
+        processes, so whatever is computed from them must be reduced across processes.
+        """
         return DataLoader(
             data,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            batch_size=distributed.local_batch_size(batch_size, exact=shuffle),
+            sampler=distributed.ShardSampler(len(data), shuffle, seed),
+            generator=torch.Generator().manual_seed(seed),  # worker seeds, without drawing from the global RNG
             num_workers=self.config.data.num_workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -125,7 +145,7 @@ class Learner:
         steps = max(1, epochs * len(loader))
         optimizer = torch.optim.AdamW(param_groups, weight_decay=train.weight_decay if weight_decay is None else weight_decay)
         floor = train.min_lr if lr_floor is None else lr_floor
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_to(floor, [g["lr"] for g in param_groups], steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_multipliers(floor, [g["lr"] for g in param_groups], steps))
         scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
         params = [p for g in param_groups for p in g["params"]]
         bar = tqdm(total=steps, desc=description, disable=not train.progress, leave=False, unit="it")
@@ -142,7 +162,7 @@ class Learner:
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
+                # Still scaled: every process then finds the same inf/NaN and skips the same fp16 steps.
                 self.sync_gradients(params)
                 scaler.step(optimizer)
                 scaler.update()
@@ -152,10 +172,15 @@ class Learner:
         bar.close()
 
     def sync_gradients(self, params: Iterable[nn.Parameter]) -> None:
-        """All-reduce hook for data-parallel runs; a no-op on one process."""
+        """Average the gradients over the processes of a data-parallel run, so all take the same step."""
+        distributed.average_gradients(params)
 
     def features_and_labels(self, data: Dataset, forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward`` over ``data`` in eval mode without gradients, concatenated."""
+        """``forward`` over ``data`` in eval mode without gradients, concatenated in ``data``'s order.
+
+        In a data-parallel run each process computes its shard and every process gets all of
+        them, so callers (statistics, keys, head training on features) need no reduction.
+        """
         outputs, labels = [], []
         self.model.eval()
         with torch.no_grad():
@@ -163,10 +188,11 @@ class Learner:
                 with self.autocast():
                     outputs.append(forward(images.to(self.device)).float().cpu())
                 labels.append(batch_labels)
-        return torch.cat(outputs), torch.cat(labels)
+        features, targets = torch.cat(outputs), torch.cat(labels)
+        return distributed.gather_shards(features, len(data)), distributed.gather_shards(targets, len(data))
 
 
-def _cosine_to(floor: float, base_lrs: list[float], steps: int) -> list[Callable[[int], float]]:
+def cosine_multipliers(floor: float, base_lrs: list[float], steps: int) -> list[Callable[[int], float]]:
     """Per-group multipliers that decay each learning rate from its base to ``floor`` by a cosine."""
 
     def multiplier(base: float) -> Callable[[int], float]:

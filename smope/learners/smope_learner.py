@@ -5,10 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed
 from ..backbones import create_backbone
 from ..config import SMoPEConfig
 from ..errors import SmopeError
-from ..model import PEFT_KEY_PREFIX, accumulate_usage, attach, auxiliary_loss, begin_task, prompt_parameters, set_mode
+from ..model import (
+    PEFT_KEY_PREFIX,
+    accumulate_usage,
+    attach,
+    auxiliary_loss,
+    begin_task,
+    expert_usage,
+    prompt_parameters,
+    prompted_layers,
+    set_mode,
+)
 from ..runconfig import RunConfig
 from .alignment import ClassStatistics, align_head
 from .base import Learner, TaskContext, cross_entropy_on
@@ -69,7 +80,9 @@ class PromptLearner(Learner):
             accumulate_usage(self.model)
             return features
 
+        usage_before = expert_usage(self.model)
         features, labels = self.features_and_labels(ctx.train_data, features_with_usage)
+        self.merge_usage(usage_before)
         self.stats.update(features, labels)
         method = self.config.method
         if ctx.task > 0 and method.align:
@@ -83,6 +96,12 @@ class PromptLearner(Learner):
                 batch_size=self.config.train.batch_size,
                 seed=ctx.seed,
             )
+
+    def merge_usage(self, before: torch.Tensor) -> None:
+        """Add up the usage counts that each process of a data-parallel run collected on its shard."""
+        total = before + distributed.all_reduce_sum(expert_usage(self.model) - before)
+        for layer, counts in zip(prompted_layers(self.model), total):
+            layer.experts.counts.copy_(counts)
 
     @property
     def head(self) -> nn.Module:

@@ -1,0 +1,77 @@
+"""Floors on the frozen backbone: a nearest-class-mean classifier and sequential head tuning.
+
+Both only need the frozen model's pooled features (the normalised class token), which do not
+change during a task, so each training image goes through the backbone once per task.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from ..backbones import create_backbone
+from ..model import classifier_names
+from ..runconfig import RunConfig
+from .alignment import ClassStatistics
+from .base import Learner, TaskContext, cross_entropy_on
+
+
+def pooled_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The normalised class-token feature a timm ViT's head sees."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+class PrototypeLearner(Learner):
+    """Nearest class mean with *cosine* similarity on frozen features; nothing is trained.
+
+    The class means are the whole state. Old classes cannot be forgotten (their means never
+    change), so this is the floor any prompt method must beat.
+    """
+
+    name = "prototype"
+
+    def __init__(self, config: RunConfig, num_classes: int) -> None:
+        super().__init__(config, num_classes)
+        self.model = create_backbone(config.model, num_classes=0).requires_grad_(False).to(self.device)
+        self.stats = ClassStatistics(num_classes, self.model.num_features)
+
+    def train_task(self, ctx: TaskContext) -> None:
+        self.stats.update(*self.features_and_labels(ctx.train_data, self.model))
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity to every class mean; classes without a mean yet score -inf."""
+        features = F.normalize(super().logits(images), dim=-1)
+        scores = features @ F.normalize(self.stats.mean.to(features.device), dim=-1).T
+        return scores.masked_fill(self.stats.count.to(features.device) == 0, float("-inf"))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.stats.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.stats.load_state_dict(state)
+
+
+class HeadOnlyLearner(Learner):
+    """Sequential fine-tuning of the linear head alone: the forgetting floor.
+
+    Each task trains the head with cross-entropy on its own classes (earlier ones masked, as for
+    every learner) on features computed once per task; nothing protects old classes.
+    """
+
+    name = "head-only"
+
+    def __init__(self, config: RunConfig, num_classes: int) -> None:
+        super().__init__(config, num_classes)
+        self.model = create_backbone(config.model, num_classes).requires_grad_(False).to(self.device)
+        for name in classifier_names(self.model):
+            self.model.get_submodule(name).requires_grad_(True)
+
+    def train_task(self, ctx: TaskContext) -> None:
+        features, labels = self.features_and_labels(ctx.train_data, lambda images: pooled_features(self.model, images))
+        head, criterion = self.model.get_classifier(), cross_entropy_on(ctx.classes)
+        head.train()
+        groups = [{"params": list(head.parameters()), "lr": self.config.train.lr}]
+        data, epochs = TensorDataset(features, labels), self.config.train.epochs
+        self.fit(groups, data, epochs, lambda x, y: criterion(head(x), y), ctx.seed, f"task {ctx.task + 1}")

@@ -1,0 +1,46 @@
+"""Sequential LoRA fine-tuning of the attention qkv projections, with peft (SPEC section 9 style baseline)."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+from ..backbones import create_backbone
+from ..errors import SmopeError
+from ..model import classifier_names
+from ..runconfig import RunConfig
+from .base import Learner, TaskContext, cross_entropy_on
+
+
+class LoRALearner(Learner):
+    """peft's LoRA on every block's fused ``qkv`` Linear, trained task after task with the head.
+
+    ``inject_adapter_in_model`` keeps the timm model's class (so its head, ``patch_embed`` and
+    data config stay reachable) and freezes everything but the adapters; the head is unfrozen
+    here. One low-rank update is shared by all tasks and nothing protects old ones, so this
+    measures how much a generic parameter-efficient fine-tune forgets. Checkpoints hold the
+    LoRA matrices and the head (the trainable parameters, via :meth:`Learner.state_dict`).
+    """
+
+    name = "lora"
+
+    def __init__(self, config: RunConfig, num_classes: int) -> None:
+        super().__init__(config, num_classes)
+        method = config.method
+        if method.lora_r < 1:
+            raise SmopeError(f"config key 'method.lora_r' must be >= 1, got {method.lora_r}")
+        adapter = LoraConfig(r=method.lora_r, lora_alpha=method.lora_alpha, lora_dropout=0.0, target_modules=["qkv"])
+        model = inject_adapter_in_model(adapter, create_backbone(config.model, num_classes))
+        for name in classifier_names(model):
+            model.get_submodule(name).requires_grad_(True)
+        self.model = model.to(self.device)
+
+    def train_task(self, ctx: TaskContext) -> None:
+        criterion = cross_entropy_on(ctx.classes)
+
+        def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            self.model.train()
+            return criterion(self.model(images), labels)
+
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.config.train.lr}]
+        self.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}")

@@ -1,0 +1,147 @@
+"""Prefix tuning of a frozen timm ViT and the two-pass model of prompt-pool methods.
+
+L2P, DualPrompt and CODA-Prompt choose their prompts per input from a *query*: the class token
+of a first, prompt-free pass of the frozen backbone. A second pass then runs with the chosen
+prompts prepended to the keys and values of some attention layers (prefix tuning). That first
+pass is the compute SMoPE saves (SPEC sections 1 and 8).
+
+A prompt of length L lives directly in a layer's key/value space, after the frozen projections
+(as in CODA-Prompt's release): its first L/2 rows are prefix keys, the last L/2 prefix values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SmopeError
+from ..model import classifier_names, find_attention_blocks
+
+Prefix = tuple[torch.Tensor, torch.Tensor]
+"""Prefix keys and values of one block, each (B, P, num_heads * head_dim)."""
+
+
+def split_prefix(prompts: torch.Tensor) -> Prefix:
+    """n prompts per sample (..., n, L, C) -> their keys and values, concatenated (..., n * L/2, C)."""
+    half = prompts.shape[-2] // 2
+    return prompts[..., :half, :].flatten(-3, -2), prompts[..., half:, :].flatten(-3, -2)
+
+
+def concat_prefixes(first: Prefix | None, second: Prefix) -> Prefix:
+    """Both prefixes prepended to one block (DualPrompt's G- and E-prompts can share a block)."""
+    if first is None:
+        return second
+    return torch.cat([first[0], second[0]], dim=-2), torch.cat([first[1], second[1]], dim=-2)
+
+
+class PrefixAttention(nn.Module):
+    """``timm`` Attention with per-sample prefix keys/values prepended (prefix tuning).
+
+    :attr:`prefix` is set by :class:`PrefixPromptedModel` around the prompted pass only; with
+    no prefix the wrapped layer runs unchanged, which is the prompt-free query pass.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.prefix: Prefix | None = None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        base = self.base_layer
+        if self.prefix is None:
+            return base(x, attn_mask=attn_mask, is_causal=is_causal)
+        if is_causal:
+            raise ValueError("prefix attention does not support causal masks")
+        batch, tokens, _ = x.shape
+        heads, dim = base.num_heads, base.head_dim
+        q, k, v = base.qkv(x).reshape(batch, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = base.q_norm(q), base.k_norm(k)
+        prefix_k, prefix_v = (p.reshape(batch, -1, heads, dim).transpose(1, 2).to(k.dtype) for p in self.prefix)
+        k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (prefix_k.shape[2], 0))
+        dropout = base.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        out = base.norm(out.transpose(1, 2).reshape(batch, tokens, -1))
+        gate = getattr(base, "gate", None)
+        if gate is not None:
+            out = out * gate(x).sigmoid()
+        return base.proj_drop(base.proj(out))
+
+
+class PromptPool(nn.Module):
+    """Turns the query (or the task id) into the prefixes of the prompted blocks.
+
+    Subclasses set :attr:`layers` (the blocks they prompt) and implement :meth:`forward`,
+    returning ``{block: prefix}`` and an auxiliary loss (``None`` when there is none).
+    """
+
+    layers: list[int]
+
+    def needs_query(self) -> bool:
+        """Whether :meth:`forward` needs the query pass in the current (train/eval) mode."""
+        return True
+
+    def begin_task(self, task: int) -> None:
+        """Prepare for training ``task`` (task ids, fresh components); nothing by default."""
+
+    def forward(self, query: torch.Tensor | None, batch: int) -> tuple[dict[int, Prefix], torch.Tensor | None]:
+        raise NotImplementedError
+
+
+def check_layers(key: str, layers: list[int], num_blocks: int) -> list[int]:
+    """Block indices from config key ``key``, checked against the backbone's ``num_blocks``."""
+    bad = [i for i in layers if not 0 <= i < num_blocks]
+    if not layers or bad or len(set(layers)) != len(layers):
+        raise SmopeError(
+            f"config key '{key}' must list distinct block indices in [0, {num_blocks - 1}] (this model has "
+            f"{num_blocks} blocks), got {layers}; e.g. {key}=[0]"
+        )
+    return list(layers)
+
+
+class PrefixPromptedModel(nn.Module):
+    """A frozen backbone whose forward is the query pass, the pool, then the prompted pass.
+
+    The classifier head stays trainable. Attribute access falls through to the backbone (its
+    ``patch_embed``, ``get_classifier``, ``pretrained_cfg`` ...), as with :class:`~smope.model.SMoPEModel`.
+    """
+
+    def __init__(self, backbone: nn.Module, pool: PromptPool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pool = pool
+        backbone.requires_grad_(False)
+        for name in classifier_names(backbone):
+            backbone.get_submodule(name).requires_grad_(True)
+        blocks = find_attention_blocks(backbone)
+        self.prompted: dict[int, PrefixAttention] = {}
+        for index in sorted(set(pool.layers)):
+            name, attention = blocks[index]
+            parent, _, child = name.rpartition(".")
+            self.prompted[index] = PrefixAttention(attention)
+            setattr(backbone.get_submodule(parent), child, self.prompted[index])
+        self.aux_loss: torch.Tensor | None = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("backbone"), name)
+
+    @torch.no_grad()
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        """The prompt-free pass's final normalised class token (no prefix is set outside :meth:`forward`)."""
+        return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        query = self.query(images) if self.pool.needs_query() else None
+        prefixes, self.aux_loss = self.pool(query, len(images))
+        for index, layer in self.prompted.items():
+            layer.prefix = prefixes.get(index)
+        try:
+            return self.backbone(images)
+        finally:
+            for layer in self.prompted.values():
+                layer.prefix = None

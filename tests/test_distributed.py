@@ -1,0 +1,128 @@
+"""Data-parallel runs: sharding arithmetic in one process, and real 2-process gloo runs under torchrun.
+
+The multi-process tests are marked ``distributed`` (deselected by default); run them with
+``python -m pytest -m distributed -p no:cacheprovider tests/test_distributed.py``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from smope import distributed
+from smope.errors import SmopeError
+
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+# Fewer epochs than the tiny config: the runs only need to learn something, fast.
+OVERRIDES = ["train.epochs=3", "train.device=cpu"]
+RUN_TIMEOUT = 150  # seconds; a hang fails the test instead of blocking the suite
+
+
+def as_rank(monkeypatch, rank: int, world: int) -> None:
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+
+
+def shard_batches(size: int, batch: int, world: int, seed: int, monkeypatch) -> list[list[list[int]]]:
+    """Per rank, the index batches of two shuffled epochs, as each process of ``world`` would draw them."""
+    per_rank = []
+    for rank in range(world):
+        as_rank(monkeypatch, rank, world)
+        sampler = distributed.ShardSampler(size, shuffle=True, seed=seed)
+        local = distributed.local_batch_size(batch, exact=True)
+        epochs = [list(sampler) for _ in range(2)]
+        per_rank.append([order[i : i + local] for order in epochs for i in range(0, len(order), local)])
+    return per_rank
+
+
+def test_shards_together_form_the_single_process_batches(monkeypatch):
+    (single,) = shard_batches(100, 8, 1, seed=3, monkeypatch=monkeypatch)
+    ranks = shard_batches(100, 8, 2, seed=3, monkeypatch=monkeypatch)
+    assert len(ranks[0]) == len(ranks[1]) == len(single)  # every process takes the same number of steps
+    assert [sorted(a + b) for a, b in zip(*ranks)] == [sorted(b) for b in single]
+
+
+def test_unshuffled_shards_visit_every_sample_once(monkeypatch):
+    seen = []
+    for rank in range(3):
+        as_rank(monkeypatch, rank, 3)
+        seen += list(distributed.ShardSampler(10, shuffle=False))
+    assert sorted(seen) == list(range(10))
+
+
+def test_global_batch_must_split_evenly(monkeypatch):
+    as_rank(monkeypatch, 0, 4)
+    assert distributed.local_batch_size(32, exact=True) == 8
+    assert distributed.local_batch_size(30, exact=False) == 8  # evaluation batches may be uneven
+    with pytest.raises(SmopeError, match="set train.batch_size to a multiple of 4"):
+        distributed.local_batch_size(30, exact=True)
+
+
+def test_one_process_is_untouched():
+    tensor = torch.arange(6.0)
+    assert distributed.all_reduce_sum(tensor) is tensor
+    assert distributed.gather_shards(tensor, 6) is tensor
+    assert distributed.world_size() == 1 and distributed.is_main()
+
+
+# Real multi-process runs -------------------------------------------------------------------
+def smope_run(out: Path, processes: int, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    command = [sys.executable, *launcher, "-m", "smope", "run", TINY, f"output_dir={out}", *OVERRIDES]
+    # One thread per process, as torchrun sets for several processes: the same arithmetic in both runs.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    started = time.monotonic()
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    return result, time.monotonic() - started
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    result, _ = smope_run(out, processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+@pytest.mark.distributed
+def test_two_processes_write_one_set_of_outputs_matching_one_process(two_process_run, tmp_path):
+    out, result = two_process_run
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl", "metrics.csv", "metrics.json", "seed_0"]
+    assert sorted(p.name for p in (out / "seed_0").iterdir()) == [f"task_{t:03d}.safetensors" for t in range(3)]
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3  # not once per process
+    assert result.stdout.count("final average accuracy") == 1
+
+    single, _ = smope_run(tmp_path / "single", processes=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    # The global batches are the same samples in both runs (see ShardSampler), so only float
+    # rounding differs (a mean of means, other matmul blockings), which can flip an argmax
+    # or an expert's top-k choice now and then; on this machine the numbers are identical.
+    expected, got = metrics(tmp_path / "single")["accuracy_matrix"], metrics(out)["accuracy_matrix"]
+    assert [len(row) for row in got] == [len(row) for row in expected]
+    for row_got, row_expected in zip(got, expected):
+        assert row_got == pytest.approx(row_expected, abs=3.0)
+    assert metrics(out)["accuracy_matrix"][0][0] > 35.0  # learns: chance on the first task's 4 classes is 25%
+
+
+@pytest.mark.distributed
+def test_failing_rank_stops_the_run_and_the_run_resumes(two_process_run, tmp_path):
+    out = tmp_path / "run"
+    failed, seconds = smope_run(out, processes=2, SMOPE_TEST_FAIL_RANK="1")
+    assert failed.returncode != 0
+    assert "rank 1 failed: RuntimeError: failure injected by SMOPE_TEST_FAIL_RANK=1" in failed.stderr
+    assert seconds < 90, f"the surviving process was not stopped promptly ({seconds:.0f}s)"
+    assert sorted(p.name for p in (out / "seed_0").iterdir()) == ["task_000.safetensors"]
+
+    resumed, _ = smope_run(out, processes=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resuming after task 1") == 1
+    assert metrics(out)["per_seed"] == metrics(two_process_run[0])["per_seed"]
