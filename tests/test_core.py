@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from conftest import tiny_timm_vit
+from safetensors.torch import load_file
 
 import smope
 from smope.layer import PromptedAttention
@@ -269,6 +270,14 @@ def test_loading_a_damaged_adapter_names_the_problem(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(smope.SmopeError, match="damaged"):
         smope.SMoPEModel.from_pretrained(tiny_timm_vit(), tmp_path)
+
+
+def test_loading_an_adapter_of_another_shape_names_the_tensors(tmp_path):
+    smope.attach(tiny_timm_vit(), smope.SMoPEConfig(num_experts=5, top_k=2, layers=[0])).save_pretrained(tmp_path)
+    other = smope.attach(tiny_timm_vit(), smope.SMoPEConfig(num_experts=6, top_k=2, layers=[0, 1]))
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(smope.SmopeError, match=r"missing: base_model\.model\.blocks\.1\..*wrong shape: .*\(4, 5\) vs \(4, 6\)"):
+        other.load_adapter_state_dict(saved)
 
 
 @pytest.mark.parametrize(
