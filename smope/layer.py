@@ -184,7 +184,7 @@ class PromptedAttention(nn.Module):
         loss = None
         if self.router_weight > 0:
             loss = self.router_weight * self.router_loss(scores, selected, spread)
-        if self.proto_weight > 0 and bool(self.experts.frequent.any()):
+        if self.proto_weight > 0:  # zero until experts are flagged; no data-dependent branch for torch.compile
             proto = self.proto_weight * self.experts.prototype_loss(self.top_k)
             loss = proto if loss is None else loss + proto
         return loss
@@ -205,23 +205,31 @@ class PromptedAttention(nn.Module):
         self.experts.add_usage(self.last_scores.topk(self.top_k, dim=-1).indices)
 
 
+def timm_qkv(base: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values (B, heads, N, head_dim) of a timm ``Attention`` with its q/k norms."""
+    batch, tokens, _ = x.shape
+    qkv = base.qkv(x).reshape(batch, tokens, 3, base.num_heads, base.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return base.q_norm(q), base.k_norm(k), v
+
+
+def timm_out(base: nn.Module, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A timm ``Attention``'s output from the attended values (B, heads, N, head_dim) and its input ``x``."""
+    out = base.norm(context.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+    gate = getattr(base, "gate", None)  # gated attention variants
+    if gate is not None:
+        out = out * gate(x).sigmoid()
+    return base.proj_drop(base.proj(out))
+
+
 class TimmPromptedAttention(PromptedAttention):
     """Wraps ``timm.models.vision_transformer.Attention`` (ViT, DeiT, DINOv2 and friends)."""
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        base = self.base_layer
-        batch, tokens, _ = x.shape
-        qkv = base.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        return base.q_norm(q), base.k_norm(k), v
+        return timm_qkv(self.base_layer, x)
 
     def project_out(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        out = base.norm(context.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
-        gate = getattr(base, "gate", None)
-        if gate is not None:
-            out = out * gate(x).sigmoid()
-        return base.proj_drop(base.proj(out))
+        return timm_out(self.base_layer, context, x)
 
     def attention_dropout(self) -> float:
         return self.base_layer.attn_drop.p

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SmopeError
+from ..layer import timm_out, timm_qkv
 from ..model import classifier_names, find_attention_blocks
 
 Prefix = tuple[torch.Tensor, torch.Tensor]
@@ -53,21 +54,13 @@ class PrefixAttention(nn.Module):
             return base(x, attn_mask=attn_mask, is_causal=is_causal)
         if is_causal:
             raise ValueError("prefix attention does not support causal masks")
-        batch, tokens, _ = x.shape
-        heads, dim = base.num_heads, base.head_dim
-        q, k, v = base.qkv(x).reshape(batch, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = base.q_norm(q), base.k_norm(k)
-        prefix_k, prefix_v = (p.reshape(batch, -1, heads, dim).transpose(1, 2).to(k.dtype) for p in self.prefix)
+        q, k, v = timm_qkv(base, x)
+        prefix_k, prefix_v = (p.reshape(len(x), -1, base.num_heads, base.head_dim).transpose(1, 2).to(k.dtype) for p in self.prefix)
         k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
         if attn_mask is not None:
             attn_mask = F.pad(attn_mask, (prefix_k.shape[2], 0))
         dropout = base.attn_drop.p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        out = base.norm(out.transpose(1, 2).reshape(batch, tokens, -1))
-        gate = getattr(base, "gate", None)
-        if gate is not None:
-            out = out * gate(x).sigmoid()
-        return base.proj_drop(base.proj(out))
+        return timm_out(base, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout), x)
 
 
 class PromptPool(nn.Module):
