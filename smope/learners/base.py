@@ -97,12 +97,6 @@ class Learner:
     # Shared machinery ----------------------------------------------------------------------
     def compile(self) -> None:
         """``torch.compile`` the model's forward in place (``train.compile``); parameter names are kept."""
-        # Data-dependent branches in prompted attention break the graph, and AOTAutograd then fails
-        # to replay the views it returns across the break (torch 2.14: "view size is not compatible
-        # with input tensor's size and stride"); rebuilding them with as_strided works.
-        from torch._functorch import config as functorch_config
-
-        functorch_config.view_replay_for_aliased_outputs = False
         self.model.compile()
 
     def autocast(self) -> contextlib.AbstractContextManager:
