@@ -29,6 +29,8 @@ class LoRALearner(Learner):
         method = config.method
         if method.lora_r < 1:
             raise SmopeError(f"config key 'method.lora_r' must be >= 1, got {method.lora_r}")
+        if method.lora_lr <= 0:
+            raise SmopeError(f"config key 'method.lora_lr' must be > 0, got {method.lora_lr}")
         adapter = LoraConfig(r=method.lora_r, lora_alpha=method.lora_alpha, lora_dropout=0.0, target_modules=["qkv"])
         model = inject_adapter_in_model(adapter, create_backbone(config.model, num_classes))
         for name in classifier_names(model):
@@ -42,5 +44,7 @@ class LoRALearner(Learner):
             self.model.train()
             return criterion(self.model(images), labels)
 
-        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.config.train.lr}]
+        head = [p for name in classifier_names(self.model) for p in self.model.get_submodule(name).parameters()]
+        adapters = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
+        groups = [{"params": adapters, "lr": self.config.method.lora_lr}, {"params": head, "lr": self.config.train.lr}]
         self.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}")
