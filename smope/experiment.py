@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -35,7 +34,7 @@ from .data import ClassIncrementalScenario, backbone_norm, build_transform, cach
 from .errors import SmopeError
 from .learners import Learner, TaskContext, create_learner
 from .model import count_parameters
-from .runconfig import RunConfig, dump_config
+from .runconfig import RunConfig, dump_config, load_config
 
 # Keys that change how a run executes but not its numbers: a resume may differ in them.
 EXECUTION_KEYS = {("train", "progress"), ("train", "device"), ("data", "num_workers"), ("output_dir",), ("seeds",)}
@@ -148,10 +147,14 @@ def _comparable(config: dict) -> dict:
 
 
 def check_output_dir(out: Path, config: RunConfig) -> None:
-    """Refuse to mix a run with another configuration's checkpoints; write config.yaml."""
+    """Refuse to mix a run with another configuration's checkpoints; write config.yaml.
+
+    The saved config is read with today's defaults, so a key added since the run was written
+    counts as its default and does not block resuming it.
+    """
     saved_path = out / "config.yaml"
     if saved_path.is_file():
-        saved = _comparable(yaml.safe_load(saved_path.read_text()) or {})
+        saved = _comparable(load_config(saved_path).to_dict())
         current = _comparable(config.to_dict())
         if saved != current:
             diff = [f"{s}.{k}" for s in current if isinstance(current[s], dict) for k in current[s] if saved.get(s, {}).get(k) != current[s][k]]
@@ -285,8 +288,6 @@ def run_experiment(config: RunConfig) -> dict:
 
 def evaluate_run(run_dir: Path) -> dict:
     """Re-evaluate every task checkpoint of a finished or partial run; writes eval.json."""
-    from .runconfig import load_config
-
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise SmopeError(f"{run_dir} is not a run directory: it has no config.yaml (run 'smope run CONFIG' first)")

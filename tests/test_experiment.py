@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from smope import cli
 from smope.experiment import SeedRun
@@ -118,6 +119,20 @@ def test_changed_config_does_not_mix_with_an_old_run(finished_run, capsys):
     with pytest.raises(SystemExit):
         run_cli("run", TINY, f"output_dir={finished_run}", "train.lr=0.5")
     assert "different configuration (differs in: train.lr)" in capsys.readouterr().err
+
+
+def test_a_key_added_since_the_run_resumes_at_its_default(finished_run, capsys):
+    saved = finished_run / "config.yaml"
+    original = saved.read_text()
+    config = yaml.safe_load(original)
+    del config["method"]["lora_lr"]  # as written by a version without that key
+    saved.write_text(yaml.safe_dump(config))
+    try:
+        run_cli("run", TINY, f"output_dir={finished_run}")
+        captured = capsys.readouterr()
+        assert "resuming after task 3" in captured.out + captured.err
+    finally:
+        saved.write_text(original)
 
 
 def test_params_command_prints_the_paper_count(capsys):
