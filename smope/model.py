@@ -75,6 +75,13 @@ def classifier_names(model: nn.Module) -> list[str]:
     return []
 
 
+def unfreeze_classifier(model: nn.Module) -> nn.Module:
+    """Make ``model``'s classifier head trainable (baselines that train it over a frozen backbone); returns ``model``."""
+    for name in classifier_names(model):
+        model.get_submodule(name).requires_grad_(True)
+    return model
+
+
 class SMoPEModel(nn.Module):
     """A backbone with prompt experts attached; calls and attributes fall through to it."""
 

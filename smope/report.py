@@ -22,9 +22,9 @@ from matplotlib.figure import Figure
 from .checkpoint import load_checkpoint
 from .errors import SmopeError
 from .experiment import checkpoint_path, finished_tasks
+from .model import PEFT_KEY_PREFIX
 
 REPORT_DIR = "report"
-ADAPTER_PREFIX = "base_model.model."
 COUNTS_SUFFIX = ".experts.counts"
 # Summary-table columns of metrics given as mean ± std: (header, metrics.json key).
 METRIC_COLUMNS = (
@@ -80,7 +80,7 @@ def load_expert_usage(run_dir: Path, seed: int) -> tuple[dict[str, np.ndarray], 
         return None
     tensors, _ = load_checkpoint(checkpoint_path(seed_dir, tasks[-1]))
     usage = {
-        name.removeprefix(ADAPTER_PREFIX).removesuffix(COUNTS_SUFFIX): counts.sum(0).numpy()
+        name.removeprefix(PEFT_KEY_PREFIX).removesuffix(COUNTS_SUFFIX): counts.sum(0).numpy()
         for name, counts in tensors.items()
         if name.endswith(COUNTS_SUFFIX)
     }

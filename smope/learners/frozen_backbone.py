@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from ..backbones import create_backbone
-from ..model import classifier_names
+from ..model import unfreeze_classifier
 from ..runconfig import RunConfig
 from .alignment import ClassStatistics
 from .base import Learner, TaskContext, cross_entropy_on
@@ -64,9 +64,7 @@ class HeadOnlyLearner(Learner):
 
     def __init__(self, config: RunConfig, num_classes: int) -> None:
         super().__init__(config, num_classes)
-        self.model = create_backbone(config.model, num_classes).requires_grad_(False).to(self.device)
-        for name in classifier_names(self.model):
-            self.model.get_submodule(name).requires_grad_(True)
+        self.model = unfreeze_classifier(create_backbone(config.model, num_classes).requires_grad_(False)).to(self.device)
 
     def train_task(self, ctx: TaskContext) -> None:
         features, labels = self.features_and_labels(ctx.train_data, lambda images: pooled_features(self.model, images))

@@ -7,7 +7,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from ..backbones import create_backbone
 from ..errors import SmopeError
-from ..model import classifier_names
+from ..model import unfreeze_classifier
 from ..runconfig import RunConfig
 from .base import Learner, TaskContext, cross_entropy_on
 
@@ -32,10 +32,7 @@ class LoRALearner(Learner):
         if method.lora_lr <= 0:
             raise SmopeError(f"config key 'method.lora_lr' must be > 0, got {method.lora_lr}")
         adapter = LoraConfig(r=method.lora_r, lora_alpha=method.lora_alpha, lora_dropout=0.0, target_modules=["qkv"])
-        model = inject_adapter_in_model(adapter, create_backbone(config.model, num_classes))
-        for name in classifier_names(model):
-            model.get_submodule(name).requires_grad_(True)
-        self.model = model.to(self.device)
+        self.model = unfreeze_classifier(inject_adapter_in_model(adapter, create_backbone(config.model, num_classes))).to(self.device)
 
     def train_task(self, ctx: TaskContext) -> None:
         criterion = cross_entropy_on(ctx.classes)
@@ -44,7 +41,7 @@ class LoRALearner(Learner):
             self.model.train()
             return criterion(self.model(images), labels)
 
-        head = [p for name in classifier_names(self.model) for p in self.model.get_submodule(name).parameters()]
+        head = list(self.model.get_classifier().parameters())
         adapters = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
         groups = [{"params": adapters, "lr": self.config.method.lora_lr}, {"params": head, "lr": self.config.train.lr}]
         self.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}")

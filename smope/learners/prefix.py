@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import SmopeError
 from ..layer import timm_out, timm_qkv
-from ..model import classifier_names, find_attention_blocks
+from ..model import find_attention_blocks, unfreeze_classifier
 
 Prefix = tuple[torch.Tensor, torch.Tensor]
 """Prefix keys and values of one block, each (B, P, num_heads * head_dim)."""
@@ -105,9 +105,7 @@ class PrefixPromptedModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pool = pool
-        backbone.requires_grad_(False)
-        for name in classifier_names(backbone):
-            backbone.get_submodule(name).requires_grad_(True)
+        unfreeze_classifier(backbone.requires_grad_(False))
         blocks = find_attention_blocks(backbone)
         self.prompted: dict[int, PrefixAttention] = {}
         for index in sorted(set(pool.layers)):
