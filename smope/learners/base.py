@@ -35,6 +35,11 @@ class TaskContext:
     all_train_data: Dataset | None = None
 
 
+def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The normalised class-token feature a timm ViT's head sees."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
 def masked_logits(logits: torch.Tensor, classes: range) -> torch.Tensor:
     """Logits of the classes seen so far, with earlier tasks' classes masked out (SPEC section 6)."""
     logits = logits[:, : classes.stop]
@@ -95,6 +100,10 @@ class Learner:
             raise SmopeError(f"checkpoint has entries this {self.name} model lacks: {result.unexpected_keys[:3]}")
 
     # Shared machinery ----------------------------------------------------------------------
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The feature this learner's head sees (class statistics, head training, probes)."""
+        return pooled_features(self.model, images)
+
     def compile(self) -> None:
         """``torch.compile`` the model's forward in place (``train.compile``); parameter names are kept."""
         self.model.compile()

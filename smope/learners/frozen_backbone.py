@@ -17,11 +17,6 @@ from .alignment import ClassStatistics
 from .base import Learner, TaskContext, cross_entropy_on
 
 
-def pooled_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The normalised class-token feature a timm ViT's head sees."""
-    return model.forward_head(model.forward_features(images), pre_logits=True)
-
-
 class PrototypeLearner(Learner):
     """Nearest class mean with *cosine* similarity on frozen features; nothing is trained.
 
@@ -67,7 +62,7 @@ class HeadOnlyLearner(Learner):
         self.model = unfreeze_classifier(create_backbone(config.model, num_classes).requires_grad_(False)).to(self.device)
 
     def train_task(self, ctx: TaskContext) -> None:
-        features, labels = self.features_and_labels(ctx.train_data, lambda images: pooled_features(self.model, images))
+        features, labels = self.features_and_labels(ctx.train_data, self.pooled_features)
         head, criterion = self.model.get_classifier(), cross_entropy_on(ctx.classes)
         head.train()
         groups = [{"params": list(head.parameters()), "lr": self.config.train.lr}]

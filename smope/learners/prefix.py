@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import SmopeError
 from ..layer import timm_out, timm_qkv
 from ..model import find_attention_blocks, unfreeze_classifier
+from .base import pooled_features
 
 Prefix = tuple[torch.Tensor, torch.Tensor]
 """Prefix keys and values of one block, each (B, P, num_heads * head_dim)."""
@@ -124,7 +125,7 @@ class PrefixPromptedModel(nn.Module):
     @torch.no_grad()
     def query(self, images: torch.Tensor) -> torch.Tensor:
         """The prompt-free pass's final normalised class token (no prefix is set outside :meth:`forward`)."""
-        return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
+        return pooled_features(self.backbone, images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         query = self.query(images) if self.pool.needs_query() else None

@@ -50,10 +50,6 @@ class PromptLearner(Learner):
         self.model = attach(backbone, smope_config(config)).to(self.device)
         self.stats = ClassStatistics(num_classes, self.model.num_features)
 
-    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The normalised class-token feature the head sees."""
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
-
     def param_groups(self) -> list[dict]:
         lr = self.config.train.lr
         prompts = list(prompt_parameters(self.model))
