@@ -193,9 +193,15 @@ class SeedRun:
         return [len(self.scenario.test_dataset(t)) for t in range(self.scenario.num_tasks)]
 
     def restore(self, task: int) -> dict:
-        tensors, meta = load_checkpoint(checkpoint_path(self.seed_dir, task))
-        rng = tensors.pop("rng_state", None)
-        self.learner.load_state_dict(tensors)
+        """The learner's state after ``task``: every checkpoint 0..task loaded in turn.
+
+        A checkpoint holds the learner's whole trainable state but only the class statistics of
+        its own task's classes (full covariances are large), so the earlier ones supply the rest.
+        """
+        for earlier in range(task + 1):
+            tensors, meta = load_checkpoint(checkpoint_path(self.seed_dir, earlier))
+            rng = tensors.pop("rng_state", None)
+            self.learner.load_state_dict(tensors)
         if rng is not None:
             torch.set_rng_state(rng)
         return meta

@@ -21,6 +21,10 @@ import yaml
 
 from .errors import SmopeError
 
+SCHEDULES = ("cosine", "epoch_cosine")
+ALIGN_COVARIANCES = ("diag", "full")
+ALIGN_STEPS = ("old_classes", "all_samples")
+
 
 @dataclass
 class DataConfig:
@@ -60,6 +64,10 @@ class MethodConfig:
     noise_eps: float = 0.4
     router_weight: float = 1e-5
     proto_weight: float = 1e-5
+    # Evaluation penalty for experts never used in training (the method's rule: 2.0). 0 is plain
+    # top-K routing, which is how the paper's reported numbers were computed (its checkpoints lost
+    # the usage counts on reload).
+    eval_noise: float = 2.0
     init: str = "uniform"
     # Dense warm-up epochs on the first task; null = half of train.epochs.
     warmup_epochs: int | None = None
@@ -68,6 +76,13 @@ class MethodConfig:
     align_epochs: int = 50
     align_lr: float = 1e-5
     align_samples_per_class: int = 256
+    # Class statistics the sampled features come from: "diag" (mean and per-dimension variance)
+    # or "full" (mean and covariance: classes that differ along correlated directions stay apart).
+    align_covariance: str = "diag"
+    # Iterations of one alignment epoch. "old_classes" (the authors' rule): as many as there are
+    # classes from earlier tasks, each on one batch of align_samples_per_class sampled features.
+    # "all_samples": one pass over every sampled feature in batches of train.batch_size.
+    align_steps: str = "old_classes"
     # Prompt-pool baselines (l2p, dualprompt, coda-prompt). null = the method's published default,
     # i.e. CODA-Prompt's release (smope/learners/prompt_pool.py cites each number).
     # Prompts in the pool: L2P++ 30, DualPrompt 10 E-prompts (one per task), CODA-Prompt 100 components.
@@ -98,6 +113,14 @@ class TrainConfig:
     lr: float = 0.005
     prompt_lr_scale: float = 5.0
     min_lr: float = 1e-6
+    # Learning-rate rule per training phase: "cosine" (per iteration, from the base rate to min_lr)
+    # or "epoch_cosine" (per epoch, base x cos(99 pi e / (200 (E - 1))): the authors' CUB-200 runs).
+    schedule: str = "cosine"
+    # Iterations per epoch the cosine assumes (null: the loader's real length). The authors fix it
+    # per setting; past iters_per_epoch x epochs the rate stays at min_lr.
+    iters_per_epoch: int | None = None
+    # First iterations of every phase held at min_lr before the cosine starts.
+    hold_iters: int = 0
     weight_decay: float = 0.0
     eval_batch_size: int = 256
     device: str = "auto"
@@ -228,6 +251,15 @@ def validate(config: RunConfig) -> None:
         raise SmopeError(f"config key 'train.lr' must be > 0, got {config.train.lr}")
     if config.train.precision not in ("fp32", "bf16", "fp16"):
         raise SmopeError(f"config key 'train.precision' must be fp32, bf16 or fp16, got {config.train.precision!r}")
+    for key, value, choices in (
+        ("train.schedule", config.train.schedule, SCHEDULES),
+        ("method.align_covariance", config.method.align_covariance, ALIGN_COVARIANCES),
+        ("method.align_steps", config.method.align_steps, ALIGN_STEPS),
+    ):
+        if value not in choices:
+            raise SmopeError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    if config.train.hold_iters < 0 or (config.train.iters_per_epoch or 1) < 1:
+        raise SmopeError("config keys 'train.hold_iters' must be >= 0 and 'train.iters_per_epoch' >= 1 (or null)")
     if not config.seeds:
         raise SmopeError("config key 'seeds' must list at least one seed, e.g. seeds=[0]")
 

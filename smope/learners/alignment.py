@@ -1,49 +1,97 @@
-"""Classifier alignment from per-class Gaussian feature statistics (SPEC section 6).
+"""Classifier alignment from per-class Gaussian feature statistics (docs/method.md#classifier-alignment).
 
-After each task the learner stores the mean and per-dimension variance of every new class's
-features; from the second task on it retrains only the head on features sampled from those
-Gaussians for every class seen so far. This replaces a replay buffer: no image is kept.
+After each task the learner stores the mean and the spread of every new class's features;
+from the second task on it retrains only the head on features sampled from those Gaussians
+for every class seen so far. This replaces a replay buffer: no image is kept.
+
+The spread is either the per-dimension variance ("diag") or the full covariance ("full").
+Where classes differ only along correlated directions (small features, few classes per
+task), a diagonal Gaussian fills the space between them with noise and the aligned head
+cannot separate them; the full covariance keeps that structure at ``d x d`` floats per class.
+Checkpoints therefore hold only the statistics of the classes a task added
+(:meth:`ClassStatistics.state_dict`), and a resumed run reads them back from every task's
+checkpoint in turn.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import cosine_multipliers
+from .schedule import cosine_multipliers
 
 VARIANCE_FLOOR = 1e-4
+"""Added to every variance (diag) or to the covariance's diagonal (full) before sampling."""
 
 
 class ClassStatistics:
-    """Per-class feature mean and variance, kept as tensors so checkpoints carry them."""
+    """Per-class feature mean and variance (or covariance), kept as tensors so checkpoints carry them."""
 
-    def __init__(self, num_classes: int, dim: int) -> None:
+    def __init__(self, num_classes: int, dim: int, covariance: str = "diag") -> None:
+        if covariance not in ("diag", "full"):
+            raise ValueError(f"covariance must be 'diag' or 'full', got {covariance!r}")
+        self.covariance = covariance
         self.mean = torch.zeros(num_classes, dim)
         self.var = torch.zeros(num_classes, dim)
+        self.cov: dict[int, torch.Tensor] = {}  # full mode: label -> (dim, dim), only for classes seen
         self.count = torch.zeros(num_classes, dtype=torch.int64)
+        self.latest: list[int] = []  # labels of the last update: what the next checkpoint stores
+        self._factors: dict[int, torch.Tensor] = {}
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        for label in labels.unique().tolist():
-            rows = features[labels == label]
+        """Mean and population variance of each label's rows; full mode adds the unbiased covariance."""
+        self.latest = sorted(labels.unique().tolist())
+        for label in self.latest:
+            rows = features[labels == label].float()
             self.mean[label] = rows.mean(0)
             self.var[label] = rows.var(0, unbiased=False)
             self.count[label] = len(rows)
+            if self.covariance == "full":
+                self.cov[label] = torch.cov(rows.T, correction=1 if len(rows) > 1 else 0)
+                self._factors.pop(label, None)
+
+    def _factor(self, label: int) -> torch.Tensor:
+        """Cholesky factor of the covariance plus the floor, computed once per class in float64."""
+        if label not in self._factors:
+            cov = self.cov[label].double() + VARIANCE_FLOOR * torch.eye(self.mean.shape[1], dtype=torch.float64)
+            self._factors[label] = torch.linalg.cholesky(cov).float()
+        return self._factors[label]
 
     def sample(self, classes: range, per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``per_class`` features from N(mean, diag(var) + floor) for each class in ``classes``."""
+        """``per_class`` features from each class's Gaussian for every class in ``classes``, grouped by class."""
         labels = torch.arange(classes.start, classes.stop).repeat_interleave(per_class)
         noise = torch.randn(len(labels), self.mean.shape[1], generator=generator)
-        return self.mean[labels] + noise * (self.var[labels] + VARIANCE_FLOOR).sqrt(), labels
+        if self.covariance == "diag":
+            return self.mean[labels] + noise * (self.var[labels] + VARIANCE_FLOOR).sqrt(), labels
+        factors = torch.stack([self._factor(c) for c in classes])  # (C, d, d)
+        spread = torch.bmm(noise.view(len(classes), per_class, -1), factors.transpose(1, 2))
+        return self.mean[labels] + spread.reshape(len(labels), -1), labels
 
     def state_dict(self, prefix: str = "class_stats.") -> dict[str, torch.Tensor]:
-        return {f"{prefix}mean": self.mean, f"{prefix}var": self.var, f"{prefix}count": self.count}
+        """The statistics of the classes of the last update only (one task's classes)."""
+        rows = torch.tensor(self.latest, dtype=torch.int64)
+        state = {f"{prefix}classes": rows, f"{prefix}mean": self.mean[rows], f"{prefix}count": self.count[rows]}
+        if self.covariance == "full":
+            state[f"{prefix}cov"] = torch.stack([self.cov[c] for c in self.latest]) if self.latest else torch.zeros(0, *self.mean.shape[1:] * 2)
+        else:
+            state[f"{prefix}var"] = self.var[rows]
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "class_stats.") -> None:
-        self.mean, self.var, self.count = (state[f"{prefix}{k}"].clone() for k in ("mean", "var", "count"))
+        """Merge one checkpoint's classes into these statistics (earlier classes are kept)."""
+        rows = state.get(f"{prefix}classes")
+        if rows is None:  # checkpoints written before per-task statistics held every class
+            rows = torch.arange(len(state[f"{prefix}mean"]))
+        self.latest = rows.tolist()
+        self.mean[rows] = state[f"{prefix}mean"].float()
+        self.count[rows] = state[f"{prefix}count"]
+        if self.covariance == "full":
+            for label, cov in zip(self.latest, state[f"{prefix}cov"]):
+                self.cov[label] = cov.clone()
+                self._factors.pop(label, None)
+        else:
+            self.var[rows] = state[f"{prefix}var"].float()
 
 
 def align_head(
@@ -57,21 +105,28 @@ def align_head(
     seed: int,
     min_lr: float = 1e-6,
     weight_decay: float = 5e-4,
+    iterations_per_epoch: int | None = None,
 ) -> None:
-    """Retrain ``head`` on freshly sampled features each epoch (AdamW, cosine to ``min_lr``)."""
+    """Retrain ``head`` on freshly sampled features each epoch (AdamW, per-iteration cosine to ``min_lr``).
+
+    Every epoch draws ``samples_per_class`` features for each class in ``seen`` and shuffles
+    them; it then runs ``iterations_per_epoch`` batches of ``batch_size`` (None: all of them).
+    The authors' rule is one batch of ``samples_per_class`` per class of earlier tasks.
+    """
     generator = torch.Generator().manual_seed(seed)
     device = next(head.parameters()).device
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(seen) * samples_per_class / batch_size)
-    total = max(1, epochs * steps_per_epoch)
+    available = -(-len(seen) * samples_per_class // batch_size)
+    per_epoch = available if iterations_per_epoch is None else min(iterations_per_epoch, available)
+    total = max(1, epochs * per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_multipliers(min_lr, [lr], total))
     head.train()
     for _ in range(epochs):
         features, labels = stats.sample(seen, samples_per_class, generator)
         order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+        for step in range(per_epoch):
+            batch = order[step * batch_size : (step + 1) * batch_size]
             logits = head(features[batch].to(device))[:, : seen.stop]
             loss = F.cross_entropy(logits.float(), labels[batch].to(device))
             optimizer.zero_grad(set_to_none=True)

@@ -7,7 +7,6 @@ tasks, evaluation, metrics and checkpoints, so methods differ only in what they 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..errors import SmopeError
 from ..runconfig import RunConfig
+from .schedule import lr_multipliers
 
 
 @dataclass
@@ -140,15 +140,22 @@ class Learner:
         seed: int,
         description: str,
         weight_decay: float | None = None,
-        lr_floor: float | None = None,
     ) -> None:
-        """AdamW with per-iteration cosine decay over ``epochs`` of ``data``; NaN losses stop the run."""
+        """AdamW over ``epochs`` of ``data`` with ``train.schedule``'s learning rates; NaN losses stop the run."""
         train = self.config.train
         loader = self.loader(data, train.batch_size, shuffle=True, seed=seed)
         steps = max(1, epochs * len(loader))
         optimizer = torch.optim.AdamW(param_groups, weight_decay=train.weight_decay if weight_decay is None else weight_decay)
-        floor = train.min_lr if lr_floor is None else lr_floor
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_multipliers(floor, [g["lr"] for g in param_groups], steps))
+        multipliers = lr_multipliers(
+            train.schedule,
+            [g["lr"] for g in param_groups],
+            epochs,
+            len(loader),
+            floor=train.min_lr,
+            iters_per_epoch=train.iters_per_epoch,
+            hold=train.hold_iters,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers)
         scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
         params = [p for g in param_groups for p in g["params"]]
         bar = tqdm(total=steps, desc=description, disable=not train.progress, leave=False, unit="it")
@@ -193,16 +200,6 @@ class Learner:
                 labels.append(batch_labels)
         features, targets = torch.cat(outputs), torch.cat(labels)
         return distributed.gather_shards(features, len(data)), distributed.gather_shards(targets, len(data))
-
-
-def cosine_multipliers(floor: float, base_lrs: list[float], steps: int) -> list[Callable[[int], float]]:
-    """Per-group multipliers that decay each learning rate from its base to ``floor`` by a cosine."""
-
-    def multiplier(base: float) -> Callable[[int], float]:
-        low = min(floor / base, 1.0)
-        return lambda step: low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-
-    return [multiplier(lr) for lr in base_lrs]
 
 
 def cross_entropy_on(classes: range) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

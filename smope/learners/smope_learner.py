@@ -33,6 +33,7 @@ def smope_config(config: RunConfig) -> SMoPEConfig:
             top_k=method.top_k,
             layers=list(method.layers),
             noise_eps=method.noise_eps,
+            eval_noise=method.eval_noise,
             router_weight=method.router_weight,
             proto_weight=method.proto_weight,
             init=method.init,
@@ -48,7 +49,7 @@ class PromptLearner(Learner):
         super().__init__(config, num_classes)
         backbone = create_backbone(config.model, num_classes)
         self.model = attach(backbone, smope_config(config)).to(self.device)
-        self.stats = ClassStatistics(num_classes, self.model.num_features)
+        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
 
     def param_groups(self) -> list[dict]:
         lr = self.config.train.lr
@@ -69,19 +70,24 @@ class PromptLearner(Learner):
         self.fit(self.param_groups(), ctx.train_data, epochs, loss_fn, ctx.seed, description)
 
     def after_task(self, ctx: TaskContext) -> None:
-        """Usage pass and class statistics in one eval-mode sweep, then classifier alignment."""
+        """Usage pass, then class statistics with the final counts, then classifier alignment.
 
-        def features_with_usage(images: torch.Tensor) -> torch.Tensor:
-            features = self.pooled_features(images)
+        Two sweeps, not one: evaluation-mode routing reads the usage counts, so statistics taken
+        while the counts still grow would depend on the order of the batches.
+        """
+
+        def usage_only(images: torch.Tensor) -> torch.Tensor:
+            self.model(images)
             accumulate_usage(self.model)
-            return features
+            return images.new_empty(len(images), 0)
 
         usage_before = expert_usage(self.model)
-        features, labels = self.features_and_labels(ctx.train_data, features_with_usage)
+        self.features_and_labels(ctx.train_data, usage_only)
         self.merge_usage(usage_before)
-        self.stats.update(features, labels)
+        self.stats.update(*self.features_and_labels(ctx.train_data, self.pooled_features))
         method = self.config.method
         if ctx.task > 0 and method.align:
+            authors_rule = method.align_steps == "old_classes"
             align_head(
                 self.head,
                 self.stats,
@@ -89,8 +95,9 @@ class PromptLearner(Learner):
                 epochs=method.align_epochs,
                 lr=method.align_lr,
                 samples_per_class=method.align_samples_per_class,
-                batch_size=self.config.train.batch_size,
+                batch_size=method.align_samples_per_class if authors_rule else self.config.train.batch_size,
                 seed=ctx.seed,
+                iterations_per_epoch=ctx.classes.start if authors_rule else None,
             )
 
     def merge_usage(self, before: torch.Tensor) -> None:
