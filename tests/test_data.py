@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import random
 import struct
 from collections import Counter
 from pathlib import Path
@@ -94,6 +95,22 @@ def test_class_order_is_a_seeded_permutation() -> None:
     assert sorted(order) == list(range(100))
     assert order == class_order(100, seed=3)
     assert order != class_order(100, seed=4)
+
+
+@pytest.mark.parametrize(("num_classes", "seed"), [(100, 0), (100, 4), (200, 1), (10, 2)])
+def test_class_order_follows_python_random_shuffle(num_classes: int, seed: int) -> None:
+    """The published runs' rule: random.seed(s); random.shuffle(list(range(n))), global state untouched."""
+    state = random.getstate()
+    expected = list(range(num_classes))
+    random.seed(seed)
+    random.shuffle(expected)
+    after_reference = random.random()
+    random.setstate(state)
+    random.seed(seed)
+    random.shuffle(list(range(num_classes)))
+    assert class_order(num_classes, seed) == expected
+    assert random.random() == after_reference  # class_order did not draw from the global generator
+    random.setstate(state)
 
 
 @pytest.mark.parametrize("first", [None, 4])

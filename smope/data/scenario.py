@@ -7,12 +7,12 @@ that grow task by task want (``logits[:, scenario.seen_classes(t)]`` and the lik
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from smope.errors import SmopeError
@@ -23,9 +23,16 @@ __all__ = ["ClassIncrementalScenario", "RemappedSubset", "class_order", "split_c
 
 
 def class_order(num_classes: int, seed: int) -> list[int]:
-    """The original labels in the order the scenario visits them: a permutation fixed by ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_classes, generator=generator).tolist()
+    """The original labels in the order the scenario visits them: a permutation fixed by ``seed``.
+
+    It is what ``order = list(range(num_classes)); random.seed(seed); random.shuffle(order)``
+    gives, the rule of the published prompt-based continual-learning runs, so seed ``s`` cuts
+    the same tasks as their seed ``s`` (given the same label indices, e.g. torchvision's
+    CIFAR-100 fine labels). A private generator leaves Python's global ``random`` state alone.
+    """
+    order = list(range(num_classes))
+    random.Random(seed).shuffle(order)
+    return order
 
 
 def split_classes(num_classes: int, num_tasks: int, first_task_classes: int | None = None) -> list[int]:
