@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from . import metrics as cl_metrics
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import ClassIncrementalScenario, backbone_norm, build_transform, cache_dataset, load_dataset
+from .data import ClassIncrementalScenario, build_transform, cache_dataset, input_norm, load_dataset
 from .errors import SmopeError
 from .learners import Learner, TaskContext, create_learner
 from .model import count_parameters
@@ -99,12 +99,13 @@ def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
 def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, raw_test: Dataset) -> PreparedData:
     """Transform both splits for ``model`` (its resolution, mean and std) and cache them when allowed."""
     data = config.data
-    mean, std = backbone_norm(model)
+    mean, std = input_norm(model, data.normalize)
     img_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else config.model.img_size
     splits = []
     for raw, train, limit in ((raw_train, True, data.train_per_class), (raw_test, False, data.test_per_class)):
         augment = data.augment if train else []
-        view = TransformedView(raw, _limit_per_class(list(raw.targets), limit), build_transform(img_size, mean, std, train, augment))
+        transform = build_transform(img_size, mean, std, train, augment, data.test_resize, data.interpolation)
+        view = TransformedView(raw, _limit_per_class(list(raw.targets), limit), transform)
         if data.cache and not augment:
             images, labels = cache_dataset(view, num_workers=data.num_workers).tensors
             view = TensorImages(images, labels, view.classes)

@@ -24,6 +24,9 @@ from .errors import SmopeError
 SCHEDULES = ("cosine", "epoch_cosine")
 ALIGN_COVARIANCES = ("diag", "full")
 ALIGN_STEPS = ("old_classes", "all_samples")
+NORMALIZE_CHOICES = ("backbone", "none")
+INTERPOLATION_CHOICES = ("bicubic", "bilinear")
+SPLIT_CHOICES = ("fixed", "random")
 
 
 @dataclass
@@ -34,6 +37,17 @@ class DataConfig:
     first_task_classes: int | None = None
     download: bool = False
     augment: list[str] = field(default_factory=list)
+    # Input scaling: "backbone" = the pretrained backbone's mean and std (timm's config);
+    # "none" = pixels in [0, 1], as the published SMoPE runs feed them.
+    normalize: str = "backbone"
+    # Test images: null = resize straight to the input size; an int = resize the shorter side
+    # to it, then center-crop the input size (Resize(256) + CenterCrop(224)).
+    test_resize: int | None = None
+    # Resampling of every resize and crop: "bicubic" or "bilinear" (torchvision's default).
+    interpolation: str = "bicubic"
+    # ImageNet-R's train/test split: "fixed" = the published 24,000 / 6,000 split shipped with
+    # smope; "random" = 80/20 per class drawn with a fixed seed. Other datasets have one split.
+    split: str = "fixed"
     # Transform each image once and keep the tensors in memory: the training split only when
     # data.augment is empty, the test split always. Turn off for large datasets at 224 px.
     cache: bool = True
@@ -255,11 +269,19 @@ def validate(config: RunConfig) -> None:
         ("train.schedule", config.train.schedule, SCHEDULES),
         ("method.align_covariance", config.method.align_covariance, ALIGN_COVARIANCES),
         ("method.align_steps", config.method.align_steps, ALIGN_STEPS),
+        ("data.normalize", config.data.normalize, NORMALIZE_CHOICES),
+        ("data.interpolation", config.data.interpolation, INTERPOLATION_CHOICES),
+        ("data.split", config.data.split, SPLIT_CHOICES),
     ):
         if value not in choices:
             raise SmopeError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
     if config.train.hold_iters < 0 or (config.train.iters_per_epoch or 1) < 1:
         raise SmopeError("config keys 'train.hold_iters' must be >= 0 and 'train.iters_per_epoch' >= 1 (or null)")
+    data = config.data
+    if data.split == "random" and data.name != "imagenet-r":
+        raise SmopeError(f"data.split=random applies to imagenet-r only ({data.name} has one split of its own); remove it")
+    if data.test_resize is not None and data.test_resize < 1:
+        raise SmopeError(f"config key 'data.test_resize' must be >= 1 or null, got {data.test_resize}")
     if not config.seeds:
         raise SmopeError("config key 'seeds' must list at least one seed, e.g. seeds=[0]")
 

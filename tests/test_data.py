@@ -24,6 +24,7 @@ from smope.data import (
     build_transform,
     cache_dataset,
     class_order,
+    input_norm,
     load_dataset,
     split_classes,
 )
@@ -371,6 +372,48 @@ def test_build_transform_outputs_normalised_tensors() -> None:
     assert out.shape == (3, 16, 16) and torch.allclose(out, torch.ones_like(out))
     train_tf = build_transform(16, (0.5,) * 3, (0.5,) * 3, train=True, augment="random_resized_crop")
     assert train_tf(image).shape == (3, 16, 16)
+
+
+def test_test_resize_keeps_the_aspect_ratio_and_crops_the_centre() -> None:
+    """Resize(256) + CenterCrop(224): a 300x200 image becomes 384x256, of which columns 80..303 remain."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    out = build_transform(224, (0,) * 3, (1,) * 3, train=False, test_resize=256, interpolation="bilinear")(image)
+    reference = image.resize((384, 256), Image.BILINEAR).crop((80, 16, 304, 240))
+    expected = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float() / 255
+    assert out.shape == (3, 224, 224)
+    assert (out - expected).abs().max() <= 1 / 255 + 1e-6
+    squashed = build_transform(224, (0,) * 3, (1,) * 3, train=False, interpolation="bilinear")(image)
+    assert (squashed - expected).abs().max() > 0.1  # null: the whole image, squeezed into the square
+    bicubic = build_transform(224, (0,) * 3, (1,) * 3, train=False, test_resize=256)(image)
+    assert not torch.equal(bicubic, out)
+
+
+def test_transform_options_are_checked() -> None:
+    with pytest.raises(SmopeError, match=r"data\.test_resize=200 is smaller than the 224 px input"):
+        build_transform(224, (0,) * 3, (1,) * 3, train=False, test_resize=200)
+    with pytest.raises(SmopeError, match="bicubic, bilinear"):
+        build_transform(224, (0,) * 3, (1,) * 3, train=False, interpolation="lanczos")
+    with pytest.raises(SmopeError, match="backbone, none"):
+        input_norm(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, num_classes=0), "imagenet")
+
+
+def test_normalize_none_feeds_pixels_in_zero_one() -> None:
+    """data.normalize=none: the prepared images are the pixels / 255; backbone: they are not."""
+    from smope.experiment import prepare_data
+    from smope.runconfig import load_config
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=0)
+    raw = load_dataset("digits", None, True), load_dataset("digits", None, False)
+    prepared = {}
+    for normalize in ("none", "backbone"):
+        config = load_config(None, ["data.name=digits", f"data.normalize={normalize}", "data.test_per_class=3"])
+        prepared[normalize] = torch.stack([image for image, _ in prepare_data(config, model, *raw).test])
+    pixels = prepared["none"]
+    assert pixels.min() == 0 and pixels.max() == 1  # digits span the whole 0..255 range
+    mean, std = backbone_norm(model)
+    expected = (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert torch.allclose(prepared["backbone"], expected, atol=1e-5) and prepared["backbone"].min() < 0
 
 
 def test_backbone_norm_reads_timm_config() -> None:

@@ -32,6 +32,11 @@ def test_overrides_are_typed_and_merge(tmp_path):
         ("seeds=[]", "seeds"),
         ("train=3", "'train' is a section"),
         ("train.epochs", "key=value"),
+        ("data.normalize=imagenet", "'data.normalize' must be one of backbone, none"),
+        ("data.interpolation=nearest", "'data.interpolation' must be one of bicubic, bilinear"),
+        ("data.split=official", "'data.split' must be one of fixed, random"),
+        ("data.split=random", "data.split=random applies to imagenet-r only"),
+        ("data.test_resize=0", "'data.test_resize' must be >= 1 or null"),
     ],
 )
 def test_errors_name_the_key(override, message):

@@ -12,12 +12,13 @@ from .datasets import (
     split_per_class,
 )
 from .scenario import ClassIncrementalScenario, RemappedSubset, class_order, split_classes
-from .transforms import AUGMENTATIONS, backbone_norm, build_transform
+from .transforms import AUGMENTATIONS, INTERPOLATIONS, backbone_norm, build_transform, input_norm
 
 __all__ = [
     "AUGMENTATIONS",
     "DATASETS",
     "FASHION_MNIST_DEBIAN_DIR",
+    "INTERPOLATIONS",
     "SPLIT_SEED",
     "ArrayDataset",
     "ClassIncrementalScenario",
@@ -28,6 +29,7 @@ __all__ = [
     "build_transform",
     "cache_dataset",
     "class_order",
+    "input_norm",
     "load_dataset",
     "split_classes",
     "split_per_class",

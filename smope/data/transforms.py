@@ -1,4 +1,4 @@
-"""Image transforms: PIL image -> normalised float tensor at the backbone's input size."""
+"""Image transforms: PIL image -> float tensor at the backbone's input size, normalised as configured."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from smope.errors import SmopeError
 
-__all__ = ["AUGMENTATIONS", "backbone_norm", "build_transform"]
+__all__ = ["AUGMENTATIONS", "INTERPOLATIONS", "backbone_norm", "build_transform", "input_norm"]
 
 AUGMENTATIONS = ("hflip", "random_resized_crop", "color_jitter")
 """Names accepted in ``augment`` (the ``data.augment`` config key)."""
@@ -25,28 +25,51 @@ def _check_augment(augment: Iterable[str] | str) -> list[str]:
     return names
 
 
+INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+"""Names accepted in ``interpolation`` (the ``data.interpolation`` config key)."""
+
+
+def _interpolation(name: str) -> InterpolationMode:
+    if name not in INTERPOLATIONS:
+        raise SmopeError(f"unknown data.interpolation {name!r}; valid names: {', '.join(INTERPOLATIONS)}")
+    return INTERPOLATIONS[name]
+
+
 def build_transform(
     img_size: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     train: bool,
     augment: Iterable[str] | str = (),
+    test_resize: int | None = None,
+    interpolation: str = "bicubic",
 ) -> Callable:
     """The transform for one split.
 
-    Test transforms are deterministic: RGB, bicubic resize to ``img_size`` square, normalise.
-    Train transforms add the requested augmentations, in a fixed order whatever the order of
-    ``augment``; ``random_resized_crop`` replaces the plain resize since it already produces the
-    final size. Names are validated even when ``train`` is false so a typo fails early.
+    Test transforms are deterministic: RGB, resize, normalise. The resize goes straight to
+    ``img_size`` square when ``test_resize`` is None; otherwise the shorter side goes to
+    ``test_resize`` and the centre ``img_size`` square is kept (the usual Resize(256) +
+    CenterCrop(224) evaluation, which keeps the aspect ratio). Train transforms add the
+    requested augmentations, in a fixed order whatever the order of ``augment``;
+    ``random_resized_crop`` replaces the plain resize since it already produces the final size.
+    Names are validated even when ``train`` is false so a typo fails early.
     """
     names = _check_augment(augment)
+    mode = _interpolation(interpolation)
     if not train:
         names = []
     size = (img_size, img_size)
     if "random_resized_crop" in names:
-        steps: list[Callable] = [v2.RandomResizedCrop(size, interpolation=InterpolationMode.BICUBIC, antialias=True)]
+        steps: list[Callable] = [v2.RandomResizedCrop(size, interpolation=mode, antialias=True)]
+    elif test_resize is not None and not train:
+        if test_resize < img_size:
+            raise SmopeError(
+                f"data.test_resize={test_resize} is smaller than the {img_size} px input it is cropped to; "
+                f"set it to at least {img_size}, or to null to resize straight to {img_size}"
+            )
+        steps = [v2.Resize(test_resize, interpolation=mode, antialias=True), v2.CenterCrop(size)]
     else:
-        steps = [v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True)]
+        steps = [v2.Resize(size, interpolation=mode, antialias=True)]
     if "hflip" in names:
         steps.append(v2.RandomHorizontalFlip())
     if "color_jitter" in names:
@@ -60,6 +83,19 @@ def build_transform(
             v2.Normalize(mean=list(mean), std=list(std)),
         ]
     )
+
+
+def input_norm(model: torch.nn.Module, normalize: str = "backbone") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``(mean, std)`` inputs are normalised with: the backbone's own, or none at all.
+
+    ``"none"`` (mean 0, std 1) feeds pixels in [0, 1], which is how the published SMoPE runs
+    feed even backbones trained on normalised inputs; matching it matters for their numbers.
+    """
+    if normalize == "none":
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if normalize != "backbone":
+        raise SmopeError(f"unknown data.normalize {normalize!r}; valid values: backbone, none")
+    return backbone_norm(model)
 
 
 def backbone_norm(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
