@@ -93,7 +93,7 @@ class PreparedData:
 def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
     data = config.data
     with distributed.local_main_first():  # one download per machine when data.download is set
-        return tuple(load_dataset(data.name, data.root, train=train, download=data.download) for train in (True, False))
+        return tuple(load_dataset(data.name, data.root, train, data.download, data.split) for train in (True, False))
 
 
 def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, raw_test: Dataset) -> PreparedData:

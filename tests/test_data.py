@@ -296,11 +296,12 @@ def test_imagefolder_empty_class_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("nested", [True, False])
-def test_imagenet_r_fake_tree(tmp_path: Path, nested: bool) -> None:
+def test_imagenet_r_random_split_of_a_fake_tree(tmp_path: Path, nested: bool) -> None:
     folder = tmp_path / "imagenet-r" if nested else tmp_path
     _write_images(folder / "n01443537", 5)  # goldfish
     _write_images(folder / "n01484850", 10)  # great white shark
-    train, test = load_dataset("imagenet-r", str(tmp_path), True), load_dataset("imagenet-r", str(tmp_path), False)
+    train, test = (load_dataset("imagenet-r", str(tmp_path), part, split="random") for part in (True, False))
+    assert train.split_file is None
     assert train.classes[0].startswith("goldfish") and train.classes[1].startswith("great white shark")
     assert Counter(train.targets) == {0: 4, 1: 8} and Counter(test.targets) == {0: 1, 1: 2}
     assert train[0][0].mode == "RGB"

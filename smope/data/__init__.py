@@ -4,6 +4,7 @@ from .cache import cache_dataset
 from .datasets import (
     DATASETS,
     FASHION_MNIST_DEBIAN_DIR,
+    IMAGENET_R_SPLIT_FILE,
     SPLIT_SEED,
     ArrayDataset,
     FileDataset,
@@ -18,6 +19,7 @@ __all__ = [
     "AUGMENTATIONS",
     "DATASETS",
     "FASHION_MNIST_DEBIAN_DIR",
+    "IMAGENET_R_SPLIT_FILE",
     "INTERPOLATIONS",
     "SPLIT_SEED",
     "ArrayDataset",

