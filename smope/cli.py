@@ -1,4 +1,4 @@
-"""The ``smope`` command line: run, eval, report, params, flops.
+"""The ``smope`` command line: run (or its --dry-run), eval, report, params, flops.
 
 User-fixable problems (:class:`~smope.errors.SmopeError`) print one line and exit 2;
 an interrupted run says how to resume. Finished tasks are always on disk.
@@ -32,17 +32,23 @@ def _summary(metrics: dict, out: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from . import distributed
-    from .experiment import run_experiment
     from .runconfig import load_config
 
-    config_path, overrides = args.config, list(args.overrides)
+    config_path, overrides = args.config, [text for text in args.overrides if text != "--dry-run"]
     if config_path is not None and "=" in config_path and not Path(config_path).exists():
         overrides.insert(0, config_path)  # `smope run train.epochs=1`: no file, only overrides
         config_path = None
     if config_path is None:
         config_path = DEMO_CONFIG
     config = load_config(config_path, overrides)
+    if args.dry_run or "--dry-run" in args.overrides:  # the flag may stand among the overrides
+        from .dryrun import dry_run
+
+        print(dry_run(config))
+        return
+    from . import distributed
+    from .experiment import run_experiment
+
     with distributed.data_parallel(config.train.device):  # under torchrun; nothing changes in one process
         try:
             metrics = run_experiment(config)
@@ -88,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) an experiment")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved config, class orders and task sizes; train nothing")
     run.add_argument("config", nargs="?", help="YAML config (default: the offline demo, configs/demo.yaml)")
-    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 data.root=/data")
+    # REMAINDER, not "*": argparse would refuse overrides after a --dry-run placed among them.
+    run.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides, e.g. train.epochs=3 data.root=/data")
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser("eval", help="re-evaluate a run from its checkpoints")

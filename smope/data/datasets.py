@@ -39,6 +39,7 @@ __all__ = [
     "DATASETS",
     "FASHION_MNIST_DEBIAN_DIR",
     "IMAGENET_R_SPLIT_FILE",
+    "KNOWN_NUM_CLASSES",
     "SPLIT_SEED",
     "ArrayDataset",
     "FileDataset",
@@ -437,6 +438,16 @@ _LOADERS: dict[str, Callable[..., LabelledDataset]] = {
 
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 """Names accepted by :func:`load_dataset` (the ``data.name`` config key)."""
+
+KNOWN_NUM_CLASSES: dict[str, int] = {
+    "cifar100": 100,
+    "imagenet-r": 200,
+    "cub200": 200,
+    "mnist": 10,
+    "fashion-mnist": 10,
+    "digits": 10,
+}
+"""Classes of each dataset with a fixed set, so a dry run can print class orders without the data."""
 
 
 def load_dataset(name: str, root: str | None, train: bool, download: bool = False, split: str = "fixed") -> LabelledDataset:
