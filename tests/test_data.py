@@ -415,6 +415,10 @@ def test_normalize_none_feeds_pixels_in_zero_one() -> None:
     mean, std = backbone_norm(model)
     expected = (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     assert torch.allclose(prepared["backbone"], expected, atol=1e-5) and prepared["backbone"].min() < 0
+    overrides = ["data.name=digits", "data.normalize=none", "data.test_resize=40", "data.interpolation=bilinear"]
+    image, _ = prepare_data(load_config(None, overrides), model, *raw).test[0]
+    reference = build_transform(32, (0,) * 3, (1,) * 3, train=False, test_resize=40, interpolation="bilinear")(raw[1][0][0])
+    assert torch.equal(image, reference) and not torch.equal(image, pixels[0])  # the data.* keys reach the transform
 
 
 def test_backbone_norm_reads_timm_config() -> None:
