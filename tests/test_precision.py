@@ -49,7 +49,8 @@ def test_autocast_covers_training_and_evaluation(precision, dtype):
 
 def test_bf16_run_learns(tmp_path):
     out = tmp_path / "run"
-    cli.main(["run", TINY, f"output_dir={out}", "train.precision=bf16", "train.epochs=3", "data.train_per_class=80"])
+    # The tiny config's 10 epochs: with 3, the first task (digits 7, 8, 1, 5) stayed at chance in fp32 too.
+    cli.main(["run", TINY, f"output_dir={out}", "train.precision=bf16", "data.train_per_class=80"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy_matrix"][0][0] > 35.0  # chance on the first task's 4 classes is 25%
     assert metrics["final_average_accuracy"] > 12.0  # chance over all 10 digits is 10%
