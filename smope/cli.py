@@ -31,6 +31,14 @@ def _summary(metrics: dict, out: str) -> str:
     return "\n".join(lines)
 
 
+def one_line(exc: SmopeError) -> str:
+    """The message of ``exc``; raised in a DataLoader worker, torch re-raises it with the worker's traceback prepended."""
+    text = str(exc)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from .runconfig import load_config
 
@@ -132,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except SmopeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

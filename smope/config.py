@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
+from .errors import InvalidSettingError
+
 SMOPE_PEFT_TYPE = "SMOPE"
 INIT_CHOICES = ("uniform", "normal", "zeros")
 
@@ -52,28 +54,28 @@ class SMoPEConfig(PeftConfig):
 
     def _validate(self) -> None:
         if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+            raise InvalidSettingError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+            raise InvalidSettingError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if not 0.0 <= self.noise_eps <= 1.0:
-            raise ValueError(f"noise_eps must be in [0, 1], got {self.noise_eps}")
+            raise InvalidSettingError(f"noise_eps must be in [0, 1], got {self.noise_eps}")
         if self.eval_noise < 0:
-            raise ValueError(f"eval_noise must be >= 0, got {self.eval_noise}")
+            raise InvalidSettingError(f"eval_noise must be >= 0, got {self.eval_noise}")
         for name in ("router_weight", "proto_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise InvalidSettingError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.init not in INIT_CHOICES:
-            raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
+            raise InvalidSettingError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
         if not self.layers:
-            raise ValueError("layers must list at least one block index, e.g. [0, 1, 2, 3, 4, 5]")
+            raise InvalidSettingError("layers must list at least one block index, e.g. [0, 1, 2, 3, 4, 5]")
         if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
-            raise ValueError(f"layers must be distinct block indices >= 0, got {self.layers}")
+            raise InvalidSettingError(f"layers must be distinct block indices >= 0, got {self.layers}")
 
     def validate_for(self, num_blocks: int) -> None:
         """Check the block indices against a model with ``num_blocks`` attention blocks."""
         bad = [i for i in self.layers if i >= num_blocks]
         if bad:
-            raise ValueError(
+            raise InvalidSettingError(
                 f"layers {bad} do not exist: this model has {num_blocks} blocks, so layers must be in [0, {num_blocks - 1}]"
             )
 

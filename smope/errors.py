@@ -11,6 +11,18 @@ class SmopeError(Exception):
     """A problem the user can fix; the message says how."""
 
 
+class ConfigAdviceError(SmopeError):
+    """A problem whose fix changes the configuration (a learning rate, the weights' source).
+
+    A run adds to the message how to apply such a change to its ``output_dir``, which keeps
+    the configuration of its finished tasks.
+    """
+
+
+class InvalidSettingError(SmopeError, ValueError):
+    """An invalid adapter setting; also a ``ValueError`` for library code that catches those."""
+
+
 class MissingExtraError(SmopeError, ImportError):
     """An optional package is not installed."""
 

@@ -29,15 +29,13 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from . import metrics as cl_metrics
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import Chain, chain_link, load_checkpoint, save_checkpoint, verify_chain
 from .data import ClassIncrementalScenario, build_transform, cache_dataset, input_norm, load_dataset
-from .errors import SmopeError
+from .errors import ConfigAdviceError, SmopeError
 from .learners import Learner, TaskContext, create_learner
 from .model import count_parameters
-from .runconfig import RunConfig, dump_config, load_config
-
-# Keys that change how a run executes but not its numbers: a resume may differ in them.
-EXECUTION_KEYS = {("train", "progress"), ("train", "device"), ("data", "num_workers"), ("output_dir",), ("seeds",)}
+from .rundir import append_log, check_output_dir, config_change_advice, log_entry, rewrite_log, run_identity
+from .runconfig import RunConfig, load_config
 
 
 class TensorImages(Dataset):
@@ -139,34 +137,6 @@ def finished_tasks(seed_dir: Path) -> list[int]:
     return sorted(int(p.stem.split("_")[1]) for p in seed_dir.glob("task_*.safetensors"))
 
 
-def _comparable(config: dict) -> dict:
-    return {
-        section: ({k: v for k, v in values.items() if (section, k) not in EXECUTION_KEYS} if isinstance(values, dict) else values)
-        for section, values in config.items()
-        if (section,) not in EXECUTION_KEYS
-    }
-
-
-def check_output_dir(out: Path, config: RunConfig) -> None:
-    """Refuse to mix a run with another configuration's checkpoints; write config.yaml.
-
-    The saved config is read with today's defaults, so a key added since the run was written
-    counts as its default and does not block resuming it.
-    """
-    saved_path = out / "config.yaml"
-    if saved_path.is_file():
-        saved = _comparable(load_config(saved_path).to_dict())
-        current = _comparable(config.to_dict())
-        if saved != current:
-            diff = [f"{s}.{k}" for s in current if isinstance(current[s], dict) for k in current[s] if saved.get(s, {}).get(k) != current[s][k]]
-            raise SmopeError(
-                f"{out} holds a run with a different configuration (differs in: {', '.join(diff) or 'sections'}). "
-                f"Set output_dir to a new folder, or delete {out} to start over"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    saved_path.write_text(dump_config(config))
-
-
 class SeedRun:
     """One seed of an experiment: learner, scenario and the per-task loop with resume."""
 
@@ -176,6 +146,7 @@ class SeedRun:
         self.data = data
         self.learner: Learner | None = None
         self.scenario: ClassIncrementalScenario | None = None
+        self.run_id: str | None = None
 
     def build(self) -> None:
         """Learner and scenario; the first seed also loads and transforms the data for the backbone."""
@@ -207,26 +178,43 @@ class SeedRun:
             torch.set_rng_state(rng)
         return meta
 
+    def chain(self) -> Chain:
+        """The checkpoints of this seed that can be resumed from or evaluated (see :func:`~smope.checkpoint.verify_chain`)."""
+        done = finished_tasks(self.seed_dir)
+        return verify_chain([checkpoint_path(self.seed_dir, t) for t in range(done[-1] + 1 if done else 0)], self.seed)
+
     def save_task(self, task: int, rows: list[list[float]], seconds: float) -> None:
-        """Checkpoint, log line and message of a finished task."""
-        meta = {"seed": self.seed, "task": task, "accuracy_matrix": rows, "num_tasks": self.scenario.num_tasks}
+        """Checkpoint (chained to the previous task's file), log line and message of a finished task."""
+        previous = checkpoint_path(self.seed_dir, task - 1) if task > 0 else None
+        meta = {
+            **chain_link(self.run_id, self.seed, task, previous),
+            "accuracy_matrix": rows,
+            "num_tasks": self.scenario.num_tasks,
+            "seconds": round(seconds, 2),
+        }
         state = {**self.learner.state_dict(), "rng_state": torch.get_rng_state()}
         save_checkpoint(checkpoint_path(self.seed_dir, task), state, meta)
-        entry = {"seed": self.seed, "task": task, "accuracy": rows[-1], "average_accuracy": float(np.mean(rows[-1])), "seconds": round(seconds, 2)}
-        with open(self.out / "log.jsonl", "a") as log:
-            log.write(json.dumps(entry) + "\n")
+        entry = log_entry(meta)
+        append_log(self.out, entry)
         tqdm.write(f"seed {self.seed} task {task + 1}/{self.scenario.num_tasks}: average accuracy {entry['average_accuracy']:.2f}% ({seconds:.0f}s)")
 
     def run(self) -> dict:
+        chain = self.chain()
+        # A resumed chain keeps the identity of its first task, even if defaults added since change the hash.
+        self.run_id = chain.metas[0].get("run") if chain.metas else None
+        self.run_id = self.run_id or run_identity(self.config)
+        if distributed.is_main():
+            if chain.problem:
+                tqdm.write(f"seed {self.seed}: {chain.problem}; recomputing from task {chain.length + 1}")
+            rewrite_log(self.out, self.seed, chain.metas)
         self.build()
         progress = self.config.train.progress
-        done = finished_tasks(self.seed_dir)
         rows: list[list[float]] = []
-        if done:
-            meta = self.restore(done[-1])
-            rows = meta["accuracy_matrix"]
+        if chain.length:
+            last = chain.length - 1
+            rows = self.restore(last)["accuracy_matrix"]
             if distributed.is_main():
-                tqdm.write(f"seed {self.seed}: resuming after task {done[-1] + 1} from {checkpoint_path(self.seed_dir, done[-1])}")
+                tqdm.write(f"seed {self.seed}: resuming after task {last + 1} from {checkpoint_path(self.seed_dir, last)}")
         for task in range(len(rows), self.scenario.num_tasks):
             distributed.fail_for_test(task)
             started = time.time()
@@ -286,10 +274,13 @@ def run_experiment(config: RunConfig) -> dict:
     if not distributed.is_main():
         config = replace(config, train=replace(config.train, progress=False))  # one set of progress bars
     per_seed, data, learner = [], None, None
-    for seed in config.seeds:
-        seed_run = SeedRun(config, seed, out, data)
-        per_seed.append(seed_run.run())
-        data, learner = seed_run.data, seed_run.learner
+    try:
+        for seed in config.seeds:
+            seed_run = SeedRun(config, seed, out, data)
+            per_seed.append(seed_run.run())
+            data, learner = seed_run.data, seed_run.learner
+    except ConfigAdviceError as exc:
+        raise ConfigAdviceError(f"{exc}. {config_change_advice(out)}") from exc
     return write_metrics(out, config, per_seed, learner)
 
 
@@ -302,13 +293,18 @@ def evaluate_run(run_dir: Path) -> dict:
     per_seed, data = [], None
     for seed in config.seeds:
         seed_run = SeedRun(config, seed, run_dir, data)
-        tasks = finished_tasks(seed_run.seed_dir)
-        if not tasks:
+        chain = seed_run.chain()
+        if chain.problem:
+            raise SmopeError(
+                f"cannot evaluate {run_dir}: {chain.problem}, so the checkpoints of seed {seed} after task {chain.length} "
+                f"do not follow from the ones before. Recompute them with: smope run {config_path} output_dir={run_dir}"
+            )
+        if not chain.length:
             continue
         seed_run.build()
         data = seed_run.data
         rows = []
-        for task in tasks:
+        for task in range(chain.length):
             seed_run.restore(task)
             rows.append(evaluate(seed_run.learner, seed_run.scenario, task, config.train.progress))
         per_seed.append({"seed": seed, **cl_metrics.summarize(rows, seed_run.test_sizes())})

@@ -9,6 +9,8 @@ keys we prepend zero keys and pass the logits as an additive attention bias.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -241,7 +243,7 @@ class TimmPromptedAttention(PromptedAttention):
 
 
 class HFViTPromptedAttention(PromptedAttention):
-    """Wraps transformers' ``ViTAttention`` (q_proj / k_proj / v_proj / o_proj layout)."""
+    """Wraps transformers 5.x's ``ViTAttention`` (q_proj / k_proj / v_proj / o_proj layout)."""
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         base = self.base_layer
@@ -256,3 +258,34 @@ class HFViTPromptedAttention(PromptedAttention):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
         return self.prompted_forward(hidden_states, attention_mask), None
+
+
+class HFViT4PromptedAttention(PromptedAttention):
+    """Wraps transformers 4.x's ``ViTAttention``: ``attention`` (ViTSelfAttention: query / key / value) and ``output`` (ViTSelfOutput: dense, dropout).
+
+    Releases up to about 4.50 return a tuple from ``ViTAttention.forward`` (its signature has
+    ``output_attentions``), later 4.x releases the tensor alone; the wrapper answers as the
+    wrapped class does.
+    """
+
+    def __init__(self, base_layer: nn.Module, config: SMoPEConfig, num_heads: int, head_dim: int) -> None:
+        super().__init__(base_layer, config, num_heads, head_dim)
+        self.returns_tuple = "output_attentions" in inspect.signature(type(base_layer).forward).parameters
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        own = self.base_layer.attention
+        shape = (*x.shape[:-1], self.num_heads, self.head_dim)
+        return tuple(proj(x).view(shape).transpose(1, 2) for proj in (own.query, own.key, own.value))
+
+    def project_out(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer.output(context.transpose(1, 2).reshape(*x.shape[:-1], -1), x)
+
+    def attention_dropout(self) -> float:
+        own = self.base_layer.attention
+        return own.dropout_prob if hasattr(own, "dropout_prob") else own.dropout.p
+
+    def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, *args, **kwargs):
+        if head_mask is not None:
+            raise ValueError("prompted attention does not support head_mask")
+        out = self.prompted_forward(hidden_states)
+        return (out,) if self.returns_tuple else out

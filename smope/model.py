@@ -20,7 +20,7 @@ from torch import nn
 from .checkpoint import state_mismatch
 from .config import SMoPEConfig
 from .errors import SmopeError
-from .layer import HFViTPromptedAttention, PromptedAttention, TimmPromptedAttention
+from .layer import HFViT4PromptedAttention, HFViTPromptedAttention, PromptedAttention, TimmPromptedAttention
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,7 +29,7 @@ PEFT_KEY_PREFIX = "base_model.model."
 
 SUPPORTED = (
     "timm VisionTransformer family (vit_*, deit_*, vit_*_dinov2, eva-free models built on "
-    "timm.models.vision_transformer.Attention) and transformers ViTModel / ViTForImageClassification"
+    "timm.models.vision_transformer.Attention) and transformers ViTModel / ViTForImageClassification (4.x and 5.x)"
 )
 
 
@@ -39,8 +39,13 @@ def _wrapper_for(module: nn.Module) -> type[PromptedAttention] | None:
 
     if isinstance(module, TimmAttention):
         return TimmPromptedAttention
-    if type(module).__name__ == "ViTAttention" and all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+    if not any(cls.__name__ == "ViTAttention" for cls in type(module).__mro__):  # also 4.x's ViTSdpaAttention
+        return None
+    if all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):  # transformers 5.x
         return HFViTPromptedAttention
+    own = getattr(module, "attention", None)
+    if all(hasattr(own, n) for n in ("query", "key", "value")) and hasattr(getattr(module, "output", None), "dense"):  # 4.x
+        return HFViT4PromptedAttention
     return None
 
 
@@ -49,7 +54,9 @@ def _heads_of(module: nn.Module) -> tuple[int, int]:
         return module.num_heads, module.head_dim
     if hasattr(module, "num_heads"):  # timm
         return module.num_heads, module.head_dim
-    return module.num_attention_heads, module.head_dim  # transformers
+    if hasattr(module, "q_proj"):  # transformers 5.x
+        return module.num_attention_heads, module.head_dim
+    return module.attention.num_attention_heads, module.attention.attention_head_size  # transformers 4.x
 
 
 def find_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

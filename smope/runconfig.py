@@ -215,12 +215,22 @@ def _apply(section: Any, values: dict, prefix: str = "") -> None:
             setattr(section, name, _coerce(key, value, hints[name]))
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """``" (line 3, column 1: expected ',' or ']')"``: where and what, on one line (PyYAML's own text spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    what = "; ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None)))) or str(exc).splitlines()[0]
+    return f" (line {mark.line + 1}, column {mark.column + 1}: {what})" if mark else f" ({what})"
+
+
 def parse_override(text: str) -> dict:
     """``"train.epochs=3"`` -> ``{"train": {"epochs": 3}}``; the value is read as YAML."""
     if "=" not in text:
         raise SmopeError(f"override '{text}' must look like key=value, e.g. train.epochs=3")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise SmopeError(f"override '{text}': the value is not valid YAML{_yaml_problem(exc)}; quote it or fix the brackets") from exc
     nested: dict = {}
     node = nested
     parts = key.strip().split(".")
@@ -238,9 +248,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise SmopeError(f"config file {path} does not exist; see configs/ for examples")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            with open(path) as handle:
+                values = yaml.safe_load(handle) or {}
         except yaml.YAMLError as exc:
-            raise SmopeError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise SmopeError(f"config file {path} is not valid YAML{_yaml_problem(exc)}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SmopeError(f"cannot read config file {path} ({exc}); give a readable UTF-8 YAML file") from exc
         if not isinstance(values, dict):
             raise SmopeError(f"config file {path} must be a mapping of keys to values")
         _apply(config, values)

@@ -74,19 +74,16 @@ def test_eval_reproduces_the_metrics(finished_run):
     assert evaluated["accuracy_matrix"] == read_metrics(finished_run)["accuracy_matrix"]
 
 
-def test_corrupt_checkpoint_is_reported_and_nothing_is_lost(finished_run, tmp_path, capsys):
+def test_damaged_last_checkpoint_is_recomputed_and_nothing_is_lost(finished_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    shutil.rmtree(out / "seed_0")
-    (out / "seed_0").mkdir()
-    shutil.copy(finished_run / "seed_0" / "task_000.safetensors", out / "seed_0")
+    (out / "seed_0" / "task_002.safetensors").unlink()
     (out / "seed_0" / "task_001.safetensors").write_bytes(b"\0garbage")
-    with pytest.raises(SystemExit) as stopped:
-        run_cli("run", TINY, f"output_dir={out}")
-    assert stopped.value.code == 2
-    message = capsys.readouterr().err
-    assert "task_001.safetensors is damaged" in message and "Delete it" in message
-    assert (out / "seed_0" / "task_000.safetensors").stat().st_size > 0  # the finished task is kept
+    run_cli("run", TINY, f"output_dir={out}")
+    message = capsys.readouterr().out
+    assert "task_001.safetensors is damaged" in message and "recomputing from task 2" in message
+    assert read_metrics(out) == read_metrics(finished_run)
+    assert [json.loads(line)["task"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
 @pytest.mark.parametrize(

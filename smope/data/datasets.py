@@ -113,7 +113,10 @@ class FileDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        return pil_loader(path), label
+        try:
+            return pil_loader(path), label
+        except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise SmopeError(f"cannot read image {path} ({err}); delete or replace that file, then run the same command again") from err
 
 
 def split_per_class(targets: Sequence[int], train: bool, test_fraction: float = TEST_FRACTION) -> list[int]:
@@ -161,6 +164,15 @@ def _require_files(samples: Sequence[tuple[str, int]], what: str, fix: str) -> N
         )
 
 
+def _download_failed(what: str, urls: list[str], folder: Path, err: Exception) -> SmopeError:
+    """A download that failed (usually: no network), with the files to fetch by hand and where they go."""
+    reason = (str(getattr(err, "reason", None) or err).strip().splitlines() or ["unknown reason"])[-1]  # torchvision's text spans lines
+    return SmopeError(
+        f"downloading {what} failed ({reason}). Without internet, fetch {' '.join(urls)} on another machine "
+        f"and put the file(s) in {folder}; then run the same command again"
+    )
+
+
 def _require_root(root: Path | None, what: str, where: str | None) -> Path:
     """The dataset folder, which must exist since folder datasets cannot be downloaded."""
     if root is None or not root.is_dir():
@@ -180,6 +192,8 @@ def _load_cifar100(root: Path | None, train: bool, download: bool) -> LabelledDa
         return tvd.CIFAR100(str(root), train=train, download=download)
     except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
         raise _not_found(what, root, where) from err
+    except OSError as err:  # no network (URLError) or an unwritable root
+        raise _download_failed("CIFAR-100", [tvd.CIFAR100.url], root, err) from err
 
 
 # ---------------------------------------------------------------------------------------- folders
@@ -349,7 +363,8 @@ def _mnist_like_from_root(tv_class: type[tvd.MNIST], root: Path, train: bool, do
     try:
         tv = tv_class(str(root), train=train, download=True)
     except (RuntimeError, OSError) as err:
-        raise SmopeError(f"downloading {tv_class.__name__} into {root} failed ({err}); fetch it by hand.") from err
+        urls = [tv_class.mirrors[0] + name for name, _ in tv_class.resources]
+        raise _download_failed(tv_class.__name__, urls, root / tv_class.__name__ / "raw", err) from err
     return ArrayDataset(tv.data.numpy(), tv.targets.tolist(), tv_class.classes)
 
 

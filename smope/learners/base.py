@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..errors import SmopeError
 from ..runconfig import RunConfig
+from .divergence import DivergenceGuard
 from .schedule import lr_multipliers
 
 
@@ -141,7 +142,7 @@ class Learner:
         description: str,
         weight_decay: float | None = None,
     ) -> None:
-        """AdamW over ``epochs`` of ``data`` with ``train.schedule``'s learning rates; NaN losses stop the run."""
+        """AdamW over ``epochs`` of ``data`` with ``train.schedule``'s learning rates; a diverging loss stops the run."""
         train = self.config.train
         loader = self.loader(data, train.batch_size, shuffle=True, seed=seed)
         steps = max(1, epochs * len(loader))
@@ -159,17 +160,15 @@ class Learner:
         scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
         params = [p for g in param_groups for p in g["params"]]
         bar = tqdm(total=steps, desc=description, disable=not train.progress, leave=False, unit="it")
+        guard = DivergenceGuard(self.config, description, param_groups)
         for epoch in range(epochs):
             for images, labels in loader:
                 images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
                 with self.autocast():
                     loss = loss_fn(images, labels)
-                if not torch.isfinite(loss):
+                if guard.diverged(loss):
                     bar.close()
-                    raise SmopeError(
-                        f"the loss became {loss.item()} in '{description}' (epoch {epoch + 1}); lower train.lr or use "
-                        "train.precision=fp32. Finished tasks are saved: the same command resumes after them"
-                    )
+                    raise guard.error(epoch + 1)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 # Still scaled: every process then finds the same inf/NaN and skips the same fp16 steps.

@@ -8,7 +8,7 @@ from torch import nn
 from .. import distributed
 from ..backbones import create_backbone
 from ..config import SMoPEConfig
-from ..errors import SmopeError
+from ..errors import InvalidSettingError, SmopeError
 from ..model import (
     PEFT_KEY_PREFIX,
     accumulate_usage,
@@ -38,7 +38,7 @@ def smope_config(config: RunConfig) -> SMoPEConfig:
             proto_weight=method.proto_weight,
             init=method.init,
         )
-    except ValueError as exc:
+    except InvalidSettingError as exc:
         raise SmopeError(f"invalid method settings: {exc} (config keys method.*)") from exc
 
 
@@ -48,7 +48,10 @@ class PromptLearner(Learner):
     def __init__(self, config: RunConfig, num_classes: int) -> None:
         super().__init__(config, num_classes)
         backbone = create_backbone(config.model, num_classes)
-        self.model = attach(backbone, smope_config(config)).to(self.device)
+        try:
+            self.model = attach(backbone, smope_config(config)).to(self.device)
+        except InvalidSettingError as exc:  # block indices beyond this backbone
+            raise SmopeError(f"invalid method.layers: {exc}") from exc
         self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
 
     def param_groups(self) -> list[dict]:
