@@ -62,9 +62,17 @@ def create_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
         if not path.is_file():
             raise SmopeError(f"model.weights points to {path}, which does not exist: give an existing checkpoint file")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-        name = config.name
-    else:  # a timm pretrained tag, e.g. augreg_in21k; "pretrained" = the model's default tag
-        name = config.name if weights == "pretrained" else f"{config.name.split('.')[0]}.{weights}"
+        try:
+            return _timm_model(config.name, True, num_classes=num_classes, **kwargs)
+        except SmopeError:
+            raise
+        except Exception as exc:  # torch, safetensors and timm raise many types for a file that does not fit
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise SmopeError(
+                f"cannot load model.weights={path} into {config.name} ({type(exc).__name__}: {first_line}); "
+                "give a checkpoint (.safetensors, .pth, .npz) of this model"
+            ) from exc
+    name = config.name if weights == "pretrained" else f"{config.name.split('.')[0]}.{weights}"  # a timm tag, e.g. augreg_in21k
     from huggingface_hub import constants
 
     # Unreachable hub: use only the local cache. Otherwise huggingface_hub retries each file

@@ -86,8 +86,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_params(args: argparse.Namespace) -> None:
     from .reports import parameter_table
 
-    layers = [int(i) for i in args.layers.split(",")] if args.layers else None
-    print(parameter_table(args.model, args.num_classes, args.method, args.num_experts, args.top_k, layers, args.img_size))
+    print(parameter_table(args.model, args.num_classes, args.method, args.num_experts, args.top_k, args.layers, args.img_size))
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
@@ -95,6 +94,13 @@ def cmd_flops(args: argparse.Namespace) -> None:
     from .reports import method_config
 
     print(flops_table(method_config(args.model, args.method, img_size=args.img_size), args.num_classes))
+
+
+def _block_list(text: str) -> list[int]:
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, e.g. 0,1,2, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--method", default="smope")
     params.add_argument("--num-experts", type=int, default=25)
     params.add_argument("--top-k", type=int, default=5)
-    params.add_argument("--layers", default=None, help="comma-separated prompted blocks (default 0,1,2,3,4,5)")
+    params.add_argument("--layers", type=_block_list, default=None, help="comma-separated prompted blocks (default 0,1,2,3,4,5)")
     params.add_argument("--img-size", type=int, default=None)
     params.set_defaults(func=cmd_params)
 

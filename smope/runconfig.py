@@ -271,11 +271,27 @@ def validate(config: RunConfig) -> None:
         "train.batch_size": config.train.batch_size,
         "train.eval_batch_size": config.train.eval_batch_size,
     }
+    if config.data.train_per_class is not None:
+        positive["data.train_per_class"] = config.data.train_per_class
+    if config.data.test_per_class is not None:
+        positive["data.test_per_class"] = config.data.test_per_class
+    positive["method.align_samples_per_class"] = config.method.align_samples_per_class
     for key, value in positive.items():
         if value < 1:
             raise SmopeError(f"config key '{key}' must be >= 1, got {value}")
-    if config.train.lr <= 0:
-        raise SmopeError(f"config key 'train.lr' must be > 0, got {config.train.lr}")
+    greater_than_zero = {"train.lr": config.train.lr, "train.prompt_lr_scale": config.train.prompt_lr_scale, "method.align_lr": config.method.align_lr}
+    at_least_zero = {
+        "train.min_lr": config.train.min_lr,
+        "train.weight_decay": config.train.weight_decay,
+        "method.align_epochs": config.method.align_epochs,
+        "method.warmup_epochs": config.method.warmup_epochs or 0,
+    }
+    for key, value in greater_than_zero.items():
+        if value <= 0:
+            raise SmopeError(f"config key '{key}' must be > 0, got {value}")
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise SmopeError(f"config key '{key}' must be >= 0, got {value}")
     if config.train.precision not in ("fp32", "bf16", "fp16"):
         raise SmopeError(f"config key 'train.precision' must be fp32, bf16 or fp16, got {config.train.precision!r}")
     for key, value, choices in (
@@ -295,8 +311,8 @@ def validate(config: RunConfig) -> None:
         raise SmopeError(f"data.split=random applies to imagenet-r only ({data.name} has one split of its own); remove it")
     if data.test_resize is not None and data.test_resize < 1:
         raise SmopeError(f"config key 'data.test_resize' must be >= 1 or null, got {data.test_resize}")
-    if not config.seeds:
-        raise SmopeError("config key 'seeds' must list at least one seed, e.g. seeds=[0]")
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
+        raise SmopeError(f"config key 'seeds' must list at least one seed, each once, e.g. seeds=[0, 1], got {config.seeds}")
 
 
 def dump_config(config: RunConfig) -> str:

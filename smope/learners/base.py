@@ -59,6 +59,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise SmopeError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SmopeError(f"train.device={name} but torch finds no CUDA device here; use train.device=cpu (or auto)")
     return distributed.process_device(device)
 
 
