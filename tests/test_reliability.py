@@ -212,3 +212,13 @@ def test_hub_weights_without_network_fail_at_once(tmp_path, capsys, monkeypatch)
     message = fails(capsys, "run", TINY, f"output_dir={tmp_path / 'run'}", "model.weights=augreg_in21k")
     assert "cannot be reached" in message and "HF_HUB_OFFLINE=1" in message and "model.weights=/path/to/file.safetensors" in message
     assert "may keep output_dir" in message
+
+
+def test_log_has_one_line_per_finished_task_after_any_resume(recovered_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(recovered_run, out)
+    lines = (out / "log.jsonl").read_text().splitlines()
+    # a line repeated by an earlier recompute, and the last one lost to a kill between checkpoint and log
+    (out / "log.jsonl").write_text("\n".join([lines[0], lines[1], lines[1]]) + "\n")
+    cli.main(["run", TINY, f"output_dir={out}"])
+    assert (out / "log.jsonl").read_text().splitlines() == lines
