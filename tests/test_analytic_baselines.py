@@ -8,7 +8,9 @@ import torch
 from test_baselines import _one_thread  # noqa: F401  (one torch thread for tiny tensors)
 
 from smope import cli, experiment
+from smope.flops import method_flops
 from smope.learners.ridge import RIDGE_GRID, RidgeHead, ridge_validation_losses
+from smope.runconfig import load_config
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 
@@ -90,3 +92,17 @@ def test_bad_head_is_one_line_naming_the_key(tmp_path, capsys):
         cli.main(["run", TINY, f"output_dir={tmp_path / 'run'}", "method.head=mlp"])
     assert stopped.value.code == 2
     assert "config key 'method.head' must be one of linear, ridge" in capsys.readouterr().err
+
+
+def test_flops_count_the_random_projection_and_the_second_backbone_pass():
+    config = lambda method, *more: load_config(TINY, [f"method.name={method}", "train.device=cpu", *more])  # noqa: E731
+    dense = method_flops(config("dense-prompt"), 10).inference.total
+    prototype = method_flops(config("prototype"), 10).inference.total
+    dim, rp_dim, classes = 64, 256, 10  # configs/tiny.yaml
+    head = 2 * dim * classes  # a linear head, and equally the cosine scores against the class means
+    ridge = 2 * (dim * rp_dim + rp_dim * classes)
+    assert method_flops(config("ranpac"), 10).inference.total == dense - head + ridge
+    assert method_flops(config("dense-prompt", "method.head=ridge"), 10).inference.total == dense - head + ridge
+    assert method_flops(config("ranpac", "method.first_task_adapt=false"), 10).inference.total == prototype - head + ridge
+    # The frozen pass and the adapted pass, then cosine scores on the feature of twice the width.
+    assert method_flops(config("aper"), 10).inference.total == (prototype - head) + (dense - head) + 2 * head

@@ -3,8 +3,8 @@ Model", ICCV 2023): sequential fine-tuning of the whole backbone, slowly, then c
 
 Numbers from the authors' release (github.com/GengDavid/SLCA, models/slca.py and exps/slca/*.json):
 SGD with momentum 0.9 and weight decay 5e-4, batch 128, head learning rate 0.01 and backbone
-learning rate 0.01 / 100 = 1e-4 (the "slow learner"); 20 epochs per task on CIFAR-100 and CUB-200
-and 50 on ImageNet-R (the ``experiments/`` configs set these). Here the head takes ``train.lr`` and
+learning rate 0.01 / 100 = 1e-4 (the "slow learner"); 20 epochs per task on CIFAR-100, 50 on
+ImageNet-R and CUB-200 (``experiments/run_baselines.sh`` sets these). Here the head takes ``train.lr`` and
 the backbone ``method.slca_backbone_lr``; the schedule is the harness's cosine decay rather than
 the release's step decay. After every task the class-wise Gaussian statistics of the new classes
 are stored (from the backbone of that moment, as SLCA does) and, from the second task on, the head
