@@ -11,8 +11,10 @@
 #   aper       the same first-task prompt; cosine prototypes on [frozen ; adapted] features
 #   simplecil  cosine prototypes on frozen features (no training)
 #   slca       SLCA's release (github.com/GengDavid/SLCA, exps/slca/*.json, models/slca.py): SGD,
-#              head lr 0.01, backbone lr 1e-4, batch 128, 20 epochs on CIFAR-100 and 50 on
-#              ImageNet-R and CUB-200, 5 alignment epochs with 256 samples per class
+#              head lr 0.01, backbone lr 1e-4 (the defaults of method.slca_*), batch 128, 20 epochs on
+#              CIFAR-100 and 50 on ImageNet-R and CUB-200; alignment from full-covariance Gaussians,
+#              5 epochs with 256 samples per class (the step itself is the harness's AdamW at the
+#              config's method.align_lr, not SLCA's SGD at 0.01 with logit normalisation)
 #   smope-ridge  SMoPE with the ridge head instead of the linear head and its alignment
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +26,8 @@ for setting in cifar100_10tasks imagenet-r_10tasks cub200_10tasks; do
   smope run "$config" method.name=ranpac output_dir="runs/${setting}_ranpac" "$@"
   smope run "$config" method.name=aper output_dir="runs/${setting}_aper" "$@"
   smope run "$config" method.name=simplecil output_dir="runs/${setting}_simplecil" "$@"
-  smope run "$config" method.name=slca train.lr=0.01 method.slca_backbone_lr=0.0001 train.batch_size=128 \
-    train.epochs="$(slca_epochs "$setting")" method.align_epochs=5 method.align_samples_per_class=256 \
+  smope run "$config" method.name=slca train.batch_size=128 train.schedule=cosine \
+    train.epochs="$(slca_epochs "$setting")" method.align_covariance=full method.align_epochs=5 method.align_samples_per_class=256 \
     output_dir="runs/${setting}_slca" "$@"
   smope run "$config" method.head=ridge output_dir="runs/${setting}_smope-ridge" "$@"
 done

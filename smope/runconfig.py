@@ -127,8 +127,10 @@ class MethodConfig:
     rp_dim: int = 10000
     # ranpac: train SMoPE's prompt in dense mode on the first task, then freeze it; false = frozen backbone.
     first_task_adapt: bool = True
-    # slca: learning rate of the whole backbone, the "slow learner" (the head keeps train.lr). SLCA: 1e-4, head 1e-2.
+    # slca: learning rates of the whole backbone (the "slow learner") and of the head, SLCA's published 1e-4 and 1e-2
+    # (its optimizer is SGD with momentum, so train.lr, set for SMoPE's AdamW, does not apply).
     slca_backbone_lr: float = 1e-4
+    slca_head_lr: float = 1e-2
 
 
 @dataclass

@@ -4,9 +4,9 @@ Model", ICCV 2023): sequential fine-tuning of the whole backbone, slowly, then c
 Numbers from the authors' release (github.com/GengDavid/SLCA, models/slca.py and exps/slca/*.json):
 SGD with momentum 0.9 and weight decay 5e-4, batch 128, head learning rate 0.01 and backbone
 learning rate 0.01 / 100 = 1e-4 (the "slow learner"); 20 epochs per task on CIFAR-100, 50 on
-ImageNet-R and CUB-200 (``experiments/run_baselines.sh`` sets these). Here the head takes ``train.lr`` and
-the backbone ``method.slca_backbone_lr``; the schedule is the harness's cosine decay rather than
-the release's step decay. After every task the class-wise Gaussian statistics of the new classes
+ImageNet-R and CUB-200 (``experiments/run_baselines.sh`` sets these). The two rates are
+``method.slca_head_lr`` and ``method.slca_backbone_lr``; the schedule is the harness's
+(``train.schedule``) rather than the release's step decay. After every task the class-wise Gaussian statistics of the new classes
 are stored (from the backbone of that moment, as SLCA does) and, from the second task on, the head
 is re-trained on features sampled from them by the harness's :func:`~smope.learners.alignment.align_head`
 with the ``method.align*`` settings (SLCA: full covariance, 5 epochs, 256 samples per class, SGD at
@@ -54,7 +54,7 @@ class SLCALearner(Learner):
         backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
         groups = [
             {"params": backbone, "lr": self.config.method.slca_backbone_lr},
-            {"params": list(self.head.parameters()), "lr": self.config.train.lr},
+            {"params": list(self.head.parameters()), "lr": self.config.method.slca_head_lr},
         ]
         self.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}", weight_decay=WEIGHT_DECAY)
 
