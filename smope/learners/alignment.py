@@ -15,11 +15,17 @@ checkpoint in turn.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .schedule import cosine_multipliers
+
+if TYPE_CHECKING:
+    from ..runconfig import MethodConfig
+    from .base import TaskContext
 
 VARIANCE_FLOOR = 1e-4
 """Added to every variance (diag) or to the covariance's diagonal (full) before sampling."""
@@ -133,3 +139,24 @@ def align_head(
             loss.backward()
             optimizer.step()
             schedule.step()
+
+
+
+def align_after_task(head: nn.Module, stats: ClassStatistics, ctx: TaskContext, method: MethodConfig, batch_size: int) -> None:
+    """:func:`align_head` after task ``ctx`` with a run's ``method.align*`` settings (``batch_size``: ``train.batch_size``).
+
+    ``method.align_steps: old_classes`` is the authors' rule: one batch of ``align_samples_per_class``
+    features per class of the earlier tasks in each epoch.
+    """
+    authors_rule = method.align_steps == "old_classes"
+    align_head(
+        head,
+        stats,
+        ctx.seen,
+        epochs=method.align_epochs,
+        lr=method.align_lr,
+        samples_per_class=method.align_samples_per_class,
+        batch_size=method.align_samples_per_class if authors_rule else batch_size,
+        seed=ctx.seed,
+        iterations_per_epoch=ctx.classes.start if authors_rule else None,
+    )

@@ -107,6 +107,13 @@ class Learner:
         """The feature this learner's head sees (class statistics, head training, probes)."""
         return pooled_features(self.model, images)
 
+    @torch.no_grad()
+    def eval_features(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`pooled_features` in eval mode, for classifiers kept outside the model (prototypes, ridge)."""
+        self.model.eval()
+        with self.autocast():
+            return self.pooled_features(images.to(self.device)).float()
+
     def compile(self) -> None:
         """``torch.compile`` the model's forward in place (``train.compile``); parameter names are kept."""
         self.model.compile()
@@ -148,7 +155,7 @@ class Learner:
         train = self.config.train
         loader = self.loader(data, train.batch_size, shuffle=True, seed=seed)
         steps = max(1, epochs * len(loader))
-        optimizer = torch.optim.AdamW(param_groups, weight_decay=train.weight_decay if weight_decay is None else weight_decay)
+        optimizer = self.optimizer(param_groups, train.weight_decay if weight_decay is None else weight_decay)
         multipliers = lr_multipliers(
             train.schedule,
             [g["lr"] for g in param_groups],
@@ -181,6 +188,10 @@ class Learner:
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         bar.close()
+
+    def optimizer(self, param_groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+        """The optimizer :meth:`fit` uses: AdamW, unless a method's published recipe says otherwise."""
+        return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
 
     def sync_gradients(self, params: Iterable[nn.Parameter]) -> None:
         """Average the gradients over the processes of a data-parallel run, so all take the same step."""

@@ -17,11 +17,19 @@ from .alignment import ClassStatistics
 from .base import Learner, TaskContext, cross_entropy_on
 
 
+def cosine_to_means(features: torch.Tensor, stats: ClassStatistics) -> torch.Tensor:
+    """Cosine similarity to every class mean; classes without a mean yet score -inf."""
+    scores = F.normalize(features, dim=-1) @ F.normalize(stats.mean.to(features.device), dim=-1).T
+    return scores.masked_fill(stats.count.to(features.device) == 0, float("-inf"))
+
+
 class PrototypeLearner(Learner):
     """Nearest class mean with *cosine* similarity on frozen features; nothing is trained.
 
-    The class means are the whole state. Old classes cannot be forgotten (their means never
-    change), so this is the floor any prompt method must beat.
+    This is SimpleCIL (Zhou et al., "Revisiting class-incremental learning with pre-trained
+    models", 2023), registered under both names. The class means are the whole state. Old
+    classes cannot be forgotten (their means never change), so this is the floor any prompt
+    method must beat.
     """
 
     name = "prototype"
@@ -36,10 +44,7 @@ class PrototypeLearner(Learner):
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity to every class mean; classes without a mean yet score -inf."""
-        features = F.normalize(super().logits(images), dim=-1)
-        scores = features @ F.normalize(self.stats.mean.to(features.device), dim=-1).T
-        return scores.masked_fill(self.stats.count.to(features.device) == 0, float("-inf"))
+        return cosine_to_means(super().logits(images), self.stats)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.stats.state_dict()

@@ -21,8 +21,9 @@ from ..model import (
     set_mode,
 )
 from ..runconfig import RunConfig
-from .alignment import ClassStatistics, align_head
+from .alignment import ClassStatistics, align_after_task
 from .base import Learner, TaskContext, cross_entropy_on
+from .ridge import RidgeHead
 
 
 def smope_config(config: RunConfig) -> SMoPEConfig:
@@ -53,6 +54,7 @@ class PromptLearner(Learner):
         except InvalidSettingError as exc:  # block indices beyond this backbone
             raise SmopeError(f"invalid method.layers: {exc}") from exc
         self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
+        self.ridge = RidgeHead(self.model.num_features, num_classes, config.method.rp_dim) if config.method.head == "ridge" else None
 
     def param_groups(self) -> list[dict]:
         lr = self.config.train.lr
@@ -87,21 +89,14 @@ class PromptLearner(Learner):
         usage_before = expert_usage(self.model)
         self.features_and_labels(ctx.train_data, usage_only)
         self.merge_usage(usage_before)
-        self.stats.update(*self.features_and_labels(ctx.train_data, self.pooled_features))
+        features, labels = self.features_and_labels(ctx.train_data, self.pooled_features)
+        self.stats.update(features, labels)
+        if self.ridge is not None:  # method.head=ridge: the analytic head replaces the trained one and its alignment
+            self.ridge.update(features, labels, ctx.seed)
+            return
         method = self.config.method
         if ctx.task > 0 and method.align:
-            authors_rule = method.align_steps == "old_classes"
-            align_head(
-                self.head,
-                self.stats,
-                ctx.seen,
-                epochs=method.align_epochs,
-                lr=method.align_lr,
-                samples_per_class=method.align_samples_per_class,
-                batch_size=method.align_samples_per_class if authors_rule else self.config.train.batch_size,
-                seed=ctx.seed,
-                iterations_per_epoch=ctx.classes.start if authors_rule else None,
-            )
+            align_after_task(self.head, self.stats, ctx, method, self.config.train.batch_size)
 
     def merge_usage(self, before: torch.Tensor) -> None:
         """Add up the usage counts that each process of a data-parallel run collected on its shard."""
@@ -113,11 +108,18 @@ class PromptLearner(Learner):
     def head(self) -> nn.Module:
         return self.model.get_classifier()
 
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return super().logits(images) if self.ridge is None else self.ridge.logits(self.eval_features(images))
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**self.model.adapter_state_dict(), **self.stats.state_dict()}
+        ridge = {} if self.ridge is None else self.ridge.state_dict()
+        return {**self.model.adapter_state_dict(), **self.stats.state_dict(), **ridge}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.stats.load_state_dict(state)
+        if self.ridge is not None:
+            self.ridge.load_state_dict(state)
         self.model.load_adapter_state_dict({k: v for k, v in state.items() if k.startswith(PEFT_KEY_PREFIX)})
 
 

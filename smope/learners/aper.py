@@ -1,0 +1,61 @@
+"""APER (Zhou et al., "Revisiting class-incremental learning with pre-trained models: generalizability
+and adaptivity are all you need", IJCV 2024; first published as ADAM).
+
+The pre-trained model is adapted on the first task only, then frozen; every class is represented
+by the mean of the concatenated [frozen ; adapted] features of its training images, and a test
+image is assigned to the class mean closest in cosine similarity (SimpleCIL's classifier on the
+merged feature). The adaptation is the one ``ranpac`` uses, SMoPE's prompt in dense mode trained
+with a linear head (APER's paper offers VPT, SSF, adapters and full fine-tuning; this is the
+VPT-deep-like one). Inference runs both models, so it costs two backbone passes per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..backbones import create_backbone
+from ..runconfig import RunConfig
+from .alignment import ClassStatistics
+from .base import Learner, TaskContext, pooled_features
+from .frozen_backbone import cosine_to_means
+from .smope_variants import DensePromptLearner
+
+
+PROTOTYPES = "prototypes."  # checkpoint prefix of the merged-feature class means (the adapter keeps its own)
+
+
+class APERLearner(Learner):
+    """Cosine prototypes on the concatenation of the frozen and the first-task-adapted model's features."""
+
+    name = "aper"
+
+    def __init__(self, config: RunConfig, num_classes: int) -> None:
+        super().__init__(config, num_classes)
+        self.adapter = DensePromptLearner(replace(config, method=replace(config.method, head="linear")), num_classes)
+        self.model = self.adapter.model
+        self.frozen = create_backbone(config.model, num_classes=0).requires_grad_(False).eval().to(self.device)
+        self.stats = ClassStatistics(num_classes, self.frozen.num_features + self.model.num_features)
+
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[frozen ; adapted] class-token features: the generalisable and the adapted view of the image."""
+        return torch.cat([pooled_features(self.frozen, images), super().pooled_features(images)], dim=-1)
+
+    def train_task(self, ctx: TaskContext) -> None:
+        if ctx.task == 0:
+            self.adapter.train_task(ctx)
+
+    def after_task(self, ctx: TaskContext) -> None:
+        self.stats.update(*self.features_and_labels(ctx.train_data, self.pooled_features))
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return cosine_to_means(self.eval_features(images), self.stats)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.adapter.state_dict(), **self.stats.state_dict(PROTOTYPES)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.adapter.load_state_dict(state)
+        self.stats.load_state_dict(state, PROTOTYPES)

@@ -1,0 +1,83 @@
+"""The random-projection ridge head of RanPAC (McDonnell et al., NeurIPS 2023), shared by ``ranpac``
+and by the prompt learners' ``method.head: ridge``.
+
+A feature x (d) is lifted to h = ReLU(x W) with a fixed Gaussian W (d x M); the head is the ridge
+regression of one-hot labels on h, W_out = (G + lambda I)^-1 C, from the statistics
+G = sum h h^T (M x M) and C = sum h y^T (M x classes). Both are sums over training samples, so
+adding each task's data as it comes gives exactly the ridge solution on every task's data at
+once: the head cannot forget. lambda is re-chosen after every task from a log-spaced grid, as
+RanPAC's release does: fit on 80% of the new task's training features, score the mean squared
+error on the other 20%.
+
+Memory: W is d x M floats, G is M x M (float32 storage, 400 MB at M = 10,000; each task's
+contribution is summed in float64 before it is added, and the solve runs in float64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# RanPAC's release, optimise_ridge_parameter: 10^-8 ... 10^8 and an 80/20 split of the task's data.
+RIDGE_GRID = tuple(10.0**p for p in range(-8, 9))
+HOLDOUT = 0.2
+
+
+def ridge_validation_losses(h_fit: torch.Tensor, y_fit: torch.Tensor, h_val: torch.Tensor, y_val: torch.Tensor, grid=RIDGE_GRID) -> torch.Tensor:
+    """Held-out mean squared error of the ridge fit on ``(h_fit, y_fit)`` for every lambda of ``grid``.
+
+    One thin SVD h_fit = U S V^T serves the whole grid: the fit is V diag(s / (s^2 + lambda)) U^T y_fit,
+    so no M x M system is solved per lambda.
+    """
+    u, s, vh = torch.linalg.svd(h_fit.double(), full_matrices=False)
+    val_in_basis, targets_in_basis = h_val.double() @ vh.T, u.T @ y_fit.double()
+    losses = [((val_in_basis * (s / (s * s + ridge))) @ targets_in_basis - y_val).pow(2).mean() for ridge in grid]
+    return torch.stack(losses)
+
+
+class RidgeHead:
+    """Random projection, accumulated statistics and the solved head, kept as tensors for checkpoints."""
+
+    def __init__(self, dim: int, num_classes: int, rp_dim: int, generator: torch.Generator | None = None) -> None:
+        self.projection = torch.randn(dim, rp_dim, generator=generator)  # from the run's seeded RNG by default
+        self.gram = torch.zeros(rp_dim, rp_dim)
+        self.targets = torch.zeros(rp_dim, num_classes)
+        self.weight = torch.zeros(rp_dim, num_classes)
+        self.ridge = torch.tensor(float("nan"), dtype=torch.float64)  # the lambda of the last solve
+
+    def lift(self, features: torch.Tensor) -> torch.Tensor:
+        return F.relu(features @ self.projection.to(features.device, features.dtype))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.lift(features) @ self.weight.to(features.device, features.dtype)
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
+        """Add one task's training features to G and C, choose lambda on a held-out part of them, solve."""
+        h = self.lift(features.float().cpu()).double()
+        y = F.one_hot(labels.cpu(), self.targets.shape[1]).double()
+        order = torch.randperm(len(h), generator=torch.Generator().manual_seed(seed))
+        held_out = max(1, round(HOLDOUT * len(h)))
+        fit, val = order[held_out:], order[:held_out]
+        losses = ridge_validation_losses(h[fit], y[fit], h[val], y[val])
+        self.ridge = torch.tensor(RIDGE_GRID[int(losses.argmin())], dtype=torch.float64)
+        self.gram += (h.T @ h).float()
+        self.targets += (h.T @ y).float()
+        self.weight = solve_ridge(self.gram, self.targets, float(self.ridge))
+
+    def state_dict(self, prefix: str = "ridge.") -> dict[str, torch.Tensor]:
+        names = ("projection", "gram", "targets", "weight", "ridge")
+        return {f"{prefix}{name}": getattr(self, name) for name in names}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "ridge.") -> None:
+        for name in ("projection", "gram", "targets", "weight", "ridge"):
+            setattr(self, name, state[f"{prefix}{name}"].clone())
+
+
+def solve_ridge(gram: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(G + lambda I)^-1 C in float64: Cholesky, or LU when a tiny lambda leaves G + lambda I numerically singular."""
+    system = gram.double()
+    system.diagonal().add_(ridge)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0:
+        return torch.cholesky_solve(targets.double(), factor).float()
+    return torch.linalg.solve(system, targets.double()).float()

@@ -1,0 +1,112 @@
+"""RanPAC, APER, SLCA, SimpleCIL and the ridge head: they run, resume exactly, and the ridge head forgets nothing."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_baselines import _one_thread  # noqa: F401  (one torch thread for tiny tensors)
+
+from smope import cli, experiment
+from smope.flops import method_flops
+from smope.learners.ridge import RIDGE_GRID, RidgeHead, ridge_validation_losses
+from smope.runconfig import load_config
+
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+
+NEW_METHODS = {
+    "ranpac": ["method.name=ranpac"],
+    "ranpac-frozen": ["method.name=ranpac", "method.first_task_adapt=false"],
+    "aper": ["method.name=aper"],
+    "slca": ["method.name=slca"],
+    "simplecil": ["method.name=simplecil"],
+    "smope-ridge": ["method.name=smope", "method.head=ridge"],
+    "dense-prompt-ridge": ["method.name=dense-prompt", "method.head=ridge"],
+}
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+# dense-prompt's ridge head takes smope's code path (PromptLearner): slow, to keep the default suite short.
+VARIANTS = [pytest.param(v, marks=pytest.mark.slow) if v == "dense-prompt-ridge" else v for v in sorted(NEW_METHODS)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_new_method_runs_and_resumes_after_an_interruption_to_the_same_metrics(variant, tmp_path, monkeypatch):
+    overrides = ["train.lr=0.01", "train.epochs=4", "method.align_epochs=2", *NEW_METHODS[variant]]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    cli.main(["run", TINY, f"output_dir={whole}", *overrides])
+    assert metrics(whole)["final_average_accuracy"] > 15.0  # chance is 10% over the 10 digits
+
+    real_evaluate = experiment.evaluate
+
+    def interrupt_at_third_task(learner, scenario, task, progress):
+        if task == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(learner, scenario, task, progress)
+
+    monkeypatch.setattr(experiment, "evaluate", interrupt_at_third_task)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["run", TINY, f"output_dir={resumed}", *overrides])
+    assert stopped.value.code == 130
+    assert sorted(p.name for p in (resumed / "seed_0").iterdir()) == ["task_000.safetensors", "task_001.safetensors"]
+    monkeypatch.setattr(experiment, "evaluate", real_evaluate)
+    cli.main(["run", TINY, f"output_dir={resumed}", *overrides])
+    assert metrics(resumed)["per_seed"] == metrics(whole)["per_seed"]
+
+
+def test_ridge_head_fitted_task_by_task_is_the_ridge_solution_on_all_tasks_at_once():
+    generator = torch.Generator().manual_seed(0)
+    dim, classes, rp_dim = 12, 6, 40
+    head = RidgeHead(dim, classes, rp_dim, generator)
+    tasks = [(torch.randn(50, dim, generator=generator) + c, torch.full((50,), c)) for c in range(classes)]
+    chosen = []
+    for task, (features, labels) in enumerate(tasks):
+        head.update(features, labels, seed=task)
+        chosen.append(float(head.ridge))
+    assert all(ridge in RIDGE_GRID for ridge in chosen)
+    features = torch.cat([f for f, _ in tasks]).double()
+    labels = torch.cat([y for _, y in tasks])
+    lifted = head.lift(features.float()).double()
+    at_once = torch.linalg.solve(lifted.T @ lifted + chosen[-1] * torch.eye(rp_dim, dtype=torch.float64), lifted.T @ torch.eye(classes, dtype=torch.float64)[labels])
+    torch.testing.assert_close(head.weight.double(), at_once, rtol=1e-4, atol=1e-5)
+    # No forgetting in the head: the first task's training images are still classified by it.
+    first_features, first_labels = tasks[0]
+    assert (head.logits(first_features).argmax(-1) == first_labels).float().mean() > 0.9
+
+
+def test_lambda_is_the_grid_value_with_the_smallest_held_out_error():
+    generator = torch.Generator().manual_seed(1)
+    h, w = torch.randn(60, 30, generator=generator).relu(), torch.randn(30, 4, generator=generator)
+    y = h @ w + 3.0 * torch.randn(60, 4, generator=generator)  # noisy: neither end of the grid wins
+    fit, val = slice(0, 48), slice(48, 60)
+    losses = ridge_validation_losses(h[fit], y[fit], h[val], y[val])
+    brute = []
+    for ridge in RIDGE_GRID:  # the definition, one linear system per lambda
+        weight = torch.linalg.solve(h[fit].T.double() @ h[fit].double() + ridge * torch.eye(30, dtype=torch.float64), h[fit].T.double() @ y[fit].double())
+        brute.append(float((h[val].double() @ weight - y[val]).pow(2).mean()))
+    torch.testing.assert_close(losses, torch.tensor(brute, dtype=torch.float64), rtol=1e-6, atol=1e-9)
+    assert 0 < int(losses.argmin()) < len(RIDGE_GRID) - 1
+
+
+def test_bad_head_is_one_line_naming_the_key(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["run", TINY, f"output_dir={tmp_path / 'run'}", "method.head=mlp"])
+    assert stopped.value.code == 2
+    assert "config key 'method.head' must be one of linear, ridge" in capsys.readouterr().err
+
+
+def test_flops_count_the_random_projection_and_the_second_backbone_pass():
+    config = lambda method, *more: load_config(TINY, [f"method.name={method}", "train.device=cpu", *more])  # noqa: E731
+    dense = method_flops(config("dense-prompt"), 10).inference.total
+    prototype = method_flops(config("prototype"), 10).inference.total
+    dim, rp_dim, classes = 64, 256, 10  # configs/tiny.yaml
+    head = 2 * dim * classes  # a linear head, and equally the cosine scores against the class means
+    ridge = 2 * (dim * rp_dim + rp_dim * classes)
+    assert method_flops(config("ranpac"), 10).inference.total == dense - head + ridge
+    assert method_flops(config("dense-prompt", "method.head=ridge"), 10).inference.total == dense - head + ridge
+    assert method_flops(config("ranpac", "method.first_task_adapt=false"), 10).inference.total == prototype - head + ridge
+    # The frozen pass and the adapted pass, then cosine scores on the feature of twice the width.
+    assert method_flops(config("aper"), 10).inference.total == (prototype - head) + (dense - head) + 2 * head
