@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 from smope.cli import main
 from smope.learners import SMoPELearner
-from smope.learners.alignment import VARIANCE_FLOOR, ClassStatistics, align_head
+from smope.learners import TaskContext
+from smope.learners.alignment import VARIANCE_FLOOR, ClassStatistics, align_after_task, align_head
+from smope.runconfig import load_config
 from smope.learners.schedule import lr_multipliers
 
 
@@ -121,6 +123,19 @@ def test_alignment_runs_one_batch_per_old_class_each_epoch():
     _CountingHead.calls = 0
     align_head(head, stats3, range(5), epochs=2, lr=1e-3, samples_per_class=16, batch_size=32, seed=0)
     assert _CountingHead.calls == 2 * math.ceil(5 * 16 / 32)
+
+
+@pytest.mark.parametrize("steps", ["old_classes", "all_samples"])
+def test_a_runs_alignment_follows_its_step_rule(steps):
+    """After a task whose classes are 3 and 4, the authors' rule runs 3 batches (old classes) per epoch."""
+    stats = ClassStatistics(5, 3)
+    stats.update(torch.randn(50, 3), torch.arange(5).repeat_interleave(10))
+    method = load_config(None, [f"method.align_steps={steps}", "method.align_epochs=4", "method.align_samples_per_class=16"]).method
+    ctx = TaskContext(task=1, classes=range(3, 5), seen=range(5), train_data=None, seed=0)
+    head = _CountingHead(3, 5)
+    _CountingHead.calls = 0
+    align_after_task(head, stats, ctx, method, batch_size=8)
+    assert _CountingHead.calls == 4 * (3 if steps == "old_classes" else math.ceil(5 * 16 / 8))
 
 
 def test_full_covariance_run_resumes_with_identical_metrics(tmp_path, monkeypatch):
