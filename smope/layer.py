@@ -170,6 +170,8 @@ class PromptedAttention(nn.Module):
         values_all = torch.cat([prompt_values, v], dim=2)
         bias = F.pad(logits * self.scale, (0, k.shape[2])).unsqueeze(2).to(q.dtype)  # (B, H, 1, P + N)
         if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:  # scaled_dot_product_attention's convention: True = may attend
+                attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
             bias = bias + F.pad(attn_mask, (num_prompts, 0))
         dropout = self.attention_dropout() if self.training else 0.0
         return F.scaled_dot_product_attention(q, keys, values_all, attn_mask=bias, dropout_p=dropout)

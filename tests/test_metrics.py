@@ -42,3 +42,26 @@ def test_aggregate_mean_and_std_over_seeds():
     assert result["final_average_accuracy_std"] == pytest.approx(5.0)
     assert result["accuracy_matrix"][1] == [85.0, 75.0]
     assert math.isclose(result["final_forgetting_std"], 0.0, abs_tol=1e-12)
+
+
+# Best accuracy before the last task (not right after learning it), last row excluded from the best:
+# task 0 peaks at t=1, and task 2's final accuracy is above its only earlier one.
+TELLING = [
+    [50.0],
+    [70.0, 60.0],
+    [65.0, 80.0, 40.0],
+    [30.0, 50.0, 45.0, 70.0],
+]
+
+
+def test_final_forgetting_tells_the_formula_from_near_misses():
+    # task 0: max(50, 70, 65) - 30 = 40; task 1: max(60, 80) - 50 = 30; task 2: 40 - 45 = -5
+    assert metrics.final_forgetting(TELLING) == pytest.approx((40 + 30 - 5) / 3)
+    # the near misses give other numbers: A[j][j] (25/3), the last row among the best (70/3),
+    # the last task among the old ones (65/4)
+    for wrong in (25 / 3, 70 / 3, 65 / 4):
+        assert metrics.final_forgetting(TELLING) != pytest.approx(wrong)
+
+
+def test_backward_transfer_uses_accuracy_right_after_learning():
+    assert metrics.backward_transfer(TELLING) == pytest.approx(((30 - 50) + (50 - 60) + (45 - 40)) / 3)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..checkpoint import state_mismatch
 from ..errors import SmopeError
 from ..runconfig import RunConfig
 from .divergence import DivergenceGuard
@@ -98,9 +99,22 @@ class Learner:
         return {n: t for n, t in self.model.state_dict().items() if n in trainable}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        result = self.model.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise SmopeError(f"checkpoint has entries this {self.name} model lacks: {result.unexpected_keys[:3]}")
+        self.check_state(state)
+        self.model.load_state_dict(state, strict=False)
+
+    def check_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Refuse a checkpoint that does not hold exactly what :meth:`state_dict` writes, naming the entries.
+
+        A missing entry would otherwise keep its fresh value silently and the run would go on from a
+        state it never had.
+        """
+        own = {k: v.shape for k, v in self.state_dict().items()}
+        problems = state_mismatch(own, {k: v.shape for k, v in state.items()}, limit=3)
+        if problems:
+            raise SmopeError(
+                f"checkpoint does not fit this {self.name} model ({problems}): it was written by another method, "
+                "configuration or version; delete it to rerun that task"
+            )
 
     # Shared machinery ----------------------------------------------------------------------
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ class PrototypeLearner(Learner):
         return self.stats.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.check_state(state)
         self.stats.load_state_dict(state)
 
 

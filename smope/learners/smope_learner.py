@@ -117,6 +117,7 @@ class PromptLearner(Learner):
         return {**self.model.adapter_state_dict(), **self.stats.state_dict(), **ridge}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.check_state(state)
         self.stats.load_state_dict(state)
         if self.ridge is not None:
             self.ridge.load_state_dict(state)

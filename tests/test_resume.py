@@ -1,0 +1,54 @@
+"""Every learner resumes an interrupted run to the same numbers, and refuses an incomplete checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+from test_baselines import SHARED, TINY_SCALE, tiny_config
+
+from smope import SmopeError, cli
+from smope.learners import LEARNERS, create_learner
+
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+# SMoPE's own resume is in test_experiment.py; joint trains everything at the first task.
+RESUMED = ["coda-prompt", "dualprompt", "head-only", "l2p", "lora", "prototype"]
+FAST = ["train.epochs=2", "method.align_epochs=2"]
+
+
+def run(out: Path, method: str) -> None:
+    cli.main(["run", TINY, f"output_dir={out}", f"method.name={method}", *SHARED, *TINY_SCALE.get(method, []), *FAST])
+
+
+def per_seed(out: Path) -> list:
+    return json.loads((out / "metrics.json").read_text())["per_seed"]
+
+
+@pytest.mark.parametrize("method", RESUMED)
+def test_interrupted_run_resumes_to_the_same_metrics(method, tmp_path, monkeypatch):
+    run(tmp_path / "whole", method)
+    learner_class = LEARNERS[method]
+    real_train = learner_class.train_task
+
+    def interrupt_at_third_task(self, ctx):
+        if ctx.task == 2:
+            raise KeyboardInterrupt
+        return real_train(self, ctx)
+
+    monkeypatch.setattr(learner_class, "train_task", interrupt_at_third_task)
+    with pytest.raises(SystemExit):
+        run(tmp_path / "resumed", method)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "seed_0").iterdir()) == ["task_000.safetensors", "task_001.safetensors"]
+    monkeypatch.setattr(learner_class, "train_task", real_train)
+    run(tmp_path / "resumed", method)
+    assert per_seed(tmp_path / "resumed") == per_seed(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("method", sorted(LEARNERS))
+def test_a_checkpoint_missing_an_entry_is_refused_by_name(method):
+    learner = create_learner(tiny_config(method), 10)
+    state = learner.state_dict()
+    dropped = sorted(state)[-1]
+    del state[dropped]
+    with pytest.raises(SmopeError, match=f"missing: {dropped}"):
+        learner.load_state_dict(state)
+    learner.load_state_dict(learner.state_dict())  # a complete one loads
