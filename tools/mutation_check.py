@@ -1,0 +1,146 @@
+"""Break the method on purpose, one deliberate mutation at a time, and see whether the tests notice.
+
+Each mutation names a file, an exact piece of its text, the text to put instead, and the test
+files (plus optional pytest arguments) that should catch it. The repository is copied once to a
+temporary directory; every mutation is applied to that copy, its tests run there with
+``-x -q`` (the copy's ``smope`` is imported, since the working directory comes first on
+``sys.path``), and the file is put back. The checkout you run this from is never modified.
+
+    OMP_NUM_THREADS=1 python tools/mutation_check.py            # all mutations
+    OMP_NUM_THREADS=1 python tools/mutation_check.py noise      # those whose name contains "noise"
+
+A mutation whose old text is no longer in the file is reported as ``stale`` (update the list);
+one whose tests already fail without it as ``red`` (each test set is first run unmutated once).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: list[str]
+    args: list[str] = field(default_factory=list)
+
+
+METHOD = ["tests/test_method.py"]
+CORE = ["tests/test_core.py"]
+PROJECTIONS = ["tests/test_projections.py"]
+METRICS = ["tests/test_metrics.py"]
+RESUME = ["tests/test_resume.py"]
+LAYER, LEARNER, ALIGN, BASE = "smope/layer.py", "smope/learners/smope_learner.py", "smope/learners/alignment.py", "smope/learners/base.py"
+
+MUTATIONS = [
+    # Core: the prompted attention and its routing
+    Mutation("core: prompt logits unscaled", LAYER, "F.pad(logits * self.scale,", "F.pad(logits,", CORE),
+    Mutation("core: route on the first token, not the mean", LAYER, "q.mean(dim=2), self.experts.keys", "q[:, :, 0], self.experts.keys", CORE),
+    Mutation("core: router loss without its margin", LAYER, "(scores + self.noise_eps * spread * inactive)", "(scores)", CORE),
+    Mutation("core: usage from the last expert, not the top-K", LAYER, "self.last_scores.topk(self.top_k, dim=-1).indices", "self.last_scores.topk(self.top_k, dim=-1, largest=False).indices", CORE),
+    # Adaptive noise
+    Mutation("noise: training coefficient zero", LAYER, "self.frequent.to(self.keys.dtype) * noise_eps", "self.frequent.to(self.keys.dtype) * 0.0", METHOD),
+    Mutation("noise: counts in place of flags", LAYER, "self.frequent.to(self.keys.dtype) * noise_eps", "(self.counts > 0).to(self.keys.dtype) * noise_eps", METHOD),
+    Mutation("noise: evaluation coefficient ignored", LAYER, "(self.counts == 0).to(self.keys.dtype) * eval_noise", "(self.counts == 0).to(self.keys.dtype) * 2.0", METHOD),
+    # Bookkeeping inside training
+    Mutation("bookkeeping: usage pass skipped", LEARNER, "self.features_and_labels(ctx.train_data, features_with_usage)", "self.features_and_labels(ctx.train_data, self.pooled_features)", METHOD),
+    Mutation("bookkeeping: usage replaced, not merged", LEARNER, "total = before + distributed.all_reduce_sum(", "total = 0 * before + distributed.all_reduce_sum(", METHOD),
+    Mutation("bookkeeping: begin_task skipped", LEARNER, "if ctx.task > 0:\n            begin_task(self.model)", "if False:\n            begin_task(self.model)", METHOD),
+    Mutation("bookkeeping: flags unset at later tasks", LAYER, "self.frequent |= used & (self.counts >= mean_used)", "self.frequent.copy_(used & (self.counts >= mean_used))", METHOD),
+    Mutation("bookkeeping: flags need more than the mean", LAYER, "used & (self.counts >= mean_used)", "used & (self.counts > mean_used)", METHOD),
+    Mutation("bookkeeping: old keys not snapshotted", LAYER, "self.old_keys.copy_(self.keys)", "self.old_keys.copy_(self.old_keys)", METHOD),
+    Mutation("bookkeeping: old values not snapshotted", LAYER, "self.old_values.copy_(self.values)", "self.old_values.copy_(self.old_values)", METHOD),
+    # Old-class masking
+    Mutation("masking: earlier classes not masked", BASE, "mask[:, : classes.start] = True", "mask[:, : classes.start] = False", METHOD),
+    # Prototype loss
+    Mutation("prototype: current keys detached", LAYER, "(old @ self.keys.transpose(-1, -2))", "(old @ self.keys.detach().transpose(-1, -2))", METHOD),
+    Mutation("prototype: term dropped from the auxiliary loss", LAYER, "if self.proto_weight > 0:", "if self.proto_weight < 0:", METHOD),
+    # Classifier alignment
+    Mutation("alignment: never run", LEARNER, "if ctx.task > 0 and method.align:", "if False:", METHOD),
+    Mutation("alignment: run despite align=false", LEARNER, "if ctx.task > 0 and method.align:", "if ctx.task > 0:", METHOD),
+    Mutation("alignment: sample variance (ddof=1)", ALIGN, "rows.var(0, unbiased=False)", "rows.var(0)", METHOD),
+    Mutation("alignment: samples scaled by the variance, not the std", ALIGN, "(self.var[labels] + VARIANCE_FLOOR).sqrt()", "(self.var[labels] + VARIANCE_FLOOR)", METHOD),
+    Mutation("alignment: head never stepped", ALIGN, "optimizer.step()", "optimizer.zero_grad()", METHOD),
+    # Metrics
+    Mutation("metrics: forgetting from A[j][j]", "smope/metrics.py", "max(matrix[t][j] for t in range(j, last))", "matrix[j][j]", METRICS),
+    Mutation("metrics: forgetting includes the last row", "smope/metrics.py", "for t in range(j, last))", "for t in range(j, last + 1))", METRICS),
+    # Checkpointing and resume
+    Mutation("resume: pool buffers not checkpointed", "smope/learners/prompt_pool.py", 'return {**super().state_dict(), **{f"pool.{name}": b for name, b in self.model.pool.named_buffers()}}', "return super().state_dict()", RESUME, ["-k", "dualprompt or coda"]),
+    Mutation("resume: missing entries accepted", BASE, "        self.check_state(state)\n        self.model.load_state_dict", "        self.model.load_state_dict", RESUME, ["-k", "missing"]),
+    Mutation("checkpoint: usage counts not saved", "smope/model.py", 'if ".experts." in f".{name}"', 'if ".experts.keys" in f".{name}" or ".experts.values" in f".{name}"', CORE),
+    Mutation("checkpoint: class statistics not saved", LEARNER, "return {**self.model.adapter_state_dict(), **self.stats.state_dict()}", "return {**self.model.adapter_state_dict()}", ["tests/test_experiment.py"], ["-k", "resumes"]),
+    # Projections around the attention
+    Mutation("projection: q/k norms skipped", LAYER, "return base.q_norm(q), base.k_norm(k), v", "return q, k, v", PROJECTIONS),
+    Mutation("projection: output norm skipped", LAYER, "out = base.norm(context", "out = (context", PROJECTIONS),
+    Mutation("projection: attention gate skipped", LAYER, "out = out * gate(x).sigmoid()", "out = out", PROJECTIONS),
+    Mutation("projection: attention mask ignored", LAYER, "bias = bias + F.pad(attn_mask, (num_prompts, 0))", "bias = bias", PROJECTIONS),
+    Mutation("projection: boolean mask added as 0/1", LAYER, "if attn_mask.dtype == torch.bool:", "if False:", PROJECTIONS),
+    Mutation("projection: transformers keys and values swapped", LAYER, "(base.q_proj, base.k_proj, base.v_proj)", "(base.q_proj, base.v_proj, base.k_proj)", PROJECTIONS),
+    # Class order (the rule is Python's random.shuffle seeded by the run's seed)
+    Mutation("class order: another seed", "smope/data/scenario.py", "random.seed(seed)", "random.seed(seed + 1)", ["tests/test_class_order.py"]),
+]
+
+
+def copy_repo(target: Path) -> Path:
+    ignore = shutil.ignore_patterns(".git", "__pycache__", "runs", "*.egg-info", ".pytest_cache")
+    return Path(shutil.copytree(ROOT, target / "repo", ignore=ignore))
+
+
+def tests_pass(repo: Path, tests: list[str]) -> bool:
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True).returncode == 0
+
+
+def run_mutation(repo: Path, mutation: Mutation, baseline: dict[tuple[str, ...], bool]) -> tuple[str, float]:
+    """``caught``, ``survived``, ``stale`` (old text not found) or ``red`` (the tests fail unmutated), and the seconds taken."""
+    path = repo / mutation.path
+    original = path.read_text()
+    if original.count(mutation.old) != 1:
+        return "stale", 0.0
+    tests = (*mutation.tests, *mutation.args)
+    started = time.monotonic()
+    if tests not in baseline:  # a failure only means "caught" when the same tests pass unmutated
+        baseline[tests] = tests_pass(repo, list(tests))
+    if not baseline[tests]:
+        return "red", time.monotonic() - started
+    path.write_text(original.replace(mutation.old, mutation.new))
+    try:
+        return ("survived" if tests_pass(repo, list(tests)) else "caught"), time.monotonic() - started
+    finally:
+        path.write_text(original)
+
+
+def main(argv: list[str]) -> int:
+    selected = [m for m in MUTATIONS if not argv or any(word in m.name for word in argv)]
+    counts = {"caught": 0, "survived": 0, "stale": 0, "red": 0}
+    baseline: dict[tuple[str, ...], bool] = {}
+    with tempfile.TemporaryDirectory(prefix="smope-mutation-") as tmp:
+        repo = copy_repo(Path(tmp))
+        width = max(len(m.name) for m in selected)
+        print(f"{'mutation':<{width}}  result    seconds  tests")
+        for mutation in selected:
+            status, seconds = run_mutation(repo, mutation, baseline)
+            counts[status] += 1
+            print(f"{mutation.name:<{width}}  {status:<8}  {seconds:7.1f}  {' '.join(mutation.tests + mutation.args)}", flush=True)
+    print(
+        f"total: {counts['caught']} caught, {counts['survived']} survived, {counts['stale']} stale, "
+        f"{counts['red']} with failing tests unmutated, of {len(selected)} mutations"
+    )
+    return 1 if counts["survived"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
