@@ -85,6 +85,23 @@ def test_evaluation_noise_penalises_never_used_experts_by_two_score_ranges():
     assert selection(layer) == plain_top_k(layer)
 
 
+def test_usage_counts_the_top_k_of_the_raw_scores_not_the_noisy_selection():
+    model, layer = noisy_layer()
+    model.eval()
+    before = layer.experts.counts.clone()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    smope.accumulate_usage(model)
+    expected = before.clone()
+    for b in range(8):
+        for h in range(4):
+            s = layer.last_scores[b, h].tolist()
+            for e in sorted(range(6), key=lambda e: -s[e])[:2]:
+                expected[h, e] += 1
+    assert torch.equal(layer.experts.counts, expected)
+    assert selection(layer) != plain_top_k(layer)  # the evaluation noise did change the active experts
+
+
 # Bookkeeping inside a real training run ----------------------------------------------------------
 def snapshot(learner) -> dict:
     layers = smope.prompted_layers(learner.model)

@@ -49,7 +49,8 @@ MUTATIONS = [
     Mutation("core: prompt logits unscaled", LAYER, "F.pad(logits * self.scale,", "F.pad(logits,", CORE),
     Mutation("core: route on the first token, not the mean", LAYER, "q.mean(dim=2), self.experts.keys", "q[:, :, 0], self.experts.keys", CORE),
     Mutation("core: router loss without its margin", LAYER, "(scores + self.noise_eps * spread * inactive)", "(scores)", CORE),
-    Mutation("core: usage from the last expert, not the top-K", LAYER, "self.last_scores.topk(self.top_k, dim=-1).indices", "self.last_scores.topk(self.top_k, dim=-1, largest=False).indices", CORE),
+    Mutation("core: usage from the lowest scores", LAYER, "self.last_scores.topk(self.top_k, dim=-1).indices", "self.last_scores.topk(self.top_k, dim=-1, largest=False).indices", METHOD),
+    Mutation("core: usage from the noisy selection", LAYER, "self.experts.add_usage(self.last_scores.topk(self.top_k, dim=-1).indices)", "self.experts.add_usage(self.last_selected)", METHOD),
     # Adaptive noise
     Mutation("noise: training coefficient zero", LAYER, "self.frequent.to(self.keys.dtype) * noise_eps", "self.frequent.to(self.keys.dtype) * 0.0", METHOD),
     Mutation("noise: counts in place of flags", LAYER, "self.frequent.to(self.keys.dtype) * noise_eps", "(self.counts > 0).to(self.keys.dtype) * noise_eps", METHOD),
@@ -77,7 +78,8 @@ MUTATIONS = [
     Mutation("metrics: forgetting from A[j][j]", "smope/metrics.py", "max(matrix[t][j] for t in range(j, last))", "matrix[j][j]", METRICS),
     Mutation("metrics: forgetting includes the last row", "smope/metrics.py", "for t in range(j, last))", "for t in range(j, last + 1))", METRICS),
     # Checkpointing and resume
-    Mutation("resume: pool buffers not checkpointed", "smope/learners/prompt_pool.py", 'return {**super().state_dict(), **{f"pool.{name}": b for name, b in self.model.pool.named_buffers()}}', "return super().state_dict()", RESUME, ["-k", "dualprompt or coda"]),
+    Mutation("resume: prompt pools not checkpointed", BASE, "if n in trainable}", 'if n in trainable and not n.startswith("pool.")}', RESUME, ["-k", "resumes and (l2p or dualprompt or coda)"]),
+    Mutation("resume: LoRA matrices not checkpointed", BASE, "if n in trainable}", 'if n in trainable and "lora_" not in n}', RESUME, ["-k", "resumes and lora"]),
     Mutation("resume: missing entries accepted", BASE, "        self.check_state(state)\n        self.model.load_state_dict", "        self.model.load_state_dict", RESUME, ["-k", "missing"]),
     Mutation("checkpoint: usage counts not saved", "smope/model.py", 'if ".experts." in f".{name}"', 'if ".experts.keys" in f".{name}" or ".experts.values" in f".{name}"', CORE),
     Mutation("checkpoint: class statistics not saved", LEARNER, "return {**self.model.adapter_state_dict(), **self.stats.state_dict()}", "return {**self.model.adapter_state_dict()}", ["tests/test_experiment.py"], ["-k", "resumes"]),
