@@ -56,7 +56,7 @@ MUTATIONS = [
     Mutation("noise: counts in place of flags", LAYER, "self.frequent.to(self.keys.dtype) * noise_eps", "(self.counts > 0).to(self.keys.dtype) * noise_eps", METHOD),
     Mutation("noise: evaluation coefficient ignored", LAYER, "(self.counts == 0).to(self.keys.dtype) * eval_noise", "(self.counts == 0).to(self.keys.dtype) * 2.0", METHOD),
     # Bookkeeping inside training
-    Mutation("bookkeeping: usage pass skipped", LEARNER, "self.features_and_labels(ctx.train_data, features_with_usage)", "self.features_and_labels(ctx.train_data, self.pooled_features)", METHOD),
+    Mutation("bookkeeping: usage pass skipped", LEARNER, "self.features_and_labels(ctx.train_data, usage_only)", "", METHOD),
     Mutation("bookkeeping: usage replaced, not merged", LEARNER, "total = before + distributed.all_reduce_sum(", "total = 0 * before + distributed.all_reduce_sum(", METHOD),
     Mutation("bookkeeping: begin_task skipped", LEARNER, "if ctx.task > 0:\n            begin_task(self.model)", "if False:\n            begin_task(self.model)", METHOD),
     Mutation("bookkeeping: flags unset at later tasks", LAYER, "self.frequent |= used & (self.counts >= mean_used)", "self.frequent.copy_(used & (self.counts >= mean_used))", METHOD),
@@ -91,7 +91,7 @@ MUTATIONS = [
     Mutation("projection: boolean mask added as 0/1", LAYER, "if attn_mask.dtype == torch.bool:", "if False:", PROJECTIONS),
     Mutation("projection: transformers keys and values swapped", LAYER, "(base.q_proj, base.k_proj, base.v_proj)", "(base.q_proj, base.v_proj, base.k_proj)", PROJECTIONS),
     # Class order (the rule is Python's random.shuffle seeded by the run's seed)
-    Mutation("class order: another seed", "smope/data/scenario.py", "random.seed(seed)", "random.seed(seed + 1)", ["tests/test_class_order.py"]),
+    Mutation("class order: another seed", "smope/data/scenario.py", "random.Random(seed).shuffle(order)", "random.Random(seed + 1).shuffle(order)", ["tests/test_class_order.py"]),
 ]
 
 
