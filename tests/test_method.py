@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_timm_vit
+from test_baselines import tiny_config
 
 import smope
 from smope import cli
+from smope.learners import create_learner
 from smope.learners.alignment import ClassStatistics, align_head
 from smope.learners.base import masked_logits
 from smope.learners.smope_learner import SMoPELearner
@@ -83,6 +85,18 @@ def test_evaluation_noise_penalises_never_used_experts_by_two_score_ranges():
     with torch.no_grad():
         model(torch.randn(8, 3, 32, 32))
     assert selection(layer) == plain_top_k(layer)
+
+
+def test_method_eval_noise_reaches_the_routing():
+    for eval_noise, changed in ((0.0, False), (2.0, True)):
+        model = create_learner(tiny_config("smope", f"method.eval_noise={eval_noise}"), 10).model.eval()
+        layers = smope.prompted_layers(model)
+        with torch.no_grad():
+            for layer in layers:
+                layer.experts.keys.normal_()
+                layer.experts.counts[:, :3] = 1  # experts 3-5 never used
+            model(torch.randn(8, 3, 16, 16))
+        assert any(selection(layer) != plain_top_k(layer) for layer in layers) == changed, eval_noise
 
 
 def test_usage_counts_the_top_k_of_the_raw_scores_not_the_noisy_selection():

@@ -55,6 +55,7 @@ MUTATIONS = [
     Mutation("noise: training coefficient zero", LAYER, "self.frequent.to(self.keys.dtype) * noise_eps", "self.frequent.to(self.keys.dtype) * 0.0", METHOD),
     Mutation("noise: counts in place of flags", LAYER, "self.frequent.to(self.keys.dtype) * noise_eps", "(self.counts > 0).to(self.keys.dtype) * noise_eps", METHOD),
     Mutation("noise: evaluation coefficient ignored", LAYER, "(self.counts == 0).to(self.keys.dtype) * eval_noise", "(self.counts == 0).to(self.keys.dtype) * 2.0", METHOD),
+    Mutation("noise: method.eval_noise not passed on", LEARNER, "eval_noise=method.eval_noise,", "", METHOD),
     # Bookkeeping inside training
     Mutation("bookkeeping: usage pass skipped", LEARNER, "self.features_and_labels(ctx.train_data, usage_only)", "", METHOD),
     Mutation("bookkeeping: usage replaced, not merged", LEARNER, "total = before + distributed.all_reduce_sum(", "total = 0 * before + distributed.all_reduce_sum(", METHOD),

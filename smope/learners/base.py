@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..checkpoint import state_mismatch
 from ..errors import SmopeError
 from ..runconfig import RunConfig
 from .divergence import DivergenceGuard
@@ -73,6 +72,7 @@ class Learner:
     """
 
     name = "base"
+    optional_state: frozenset[str] = frozenset()  # checkpoint entries older versions did not write
 
     def __init__(self, config: RunConfig, num_classes: int) -> None:
         self.config = config
@@ -103,13 +103,21 @@ class Learner:
         self.model.load_state_dict(state, strict=False)
 
     def check_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Refuse a checkpoint that does not hold exactly what :meth:`state_dict` writes, naming the entries.
+        """Refuse a checkpoint whose entries are not the ones :meth:`state_dict` writes, naming them.
 
-        A missing entry would otherwise keep its fresh value silently and the run would go on from a
-        state it never had.
+        A missing entry would otherwise keep its fresh value silently and the run would go on from
+        a state it never had. Only names are compared: per-task entries (class statistics) change
+        shape from task to task, and the loaders check shapes. ``optional_state`` lists entries
+        older checkpoints may lack.
         """
-        own = {k: v.shape for k, v in self.state_dict().items()}
-        problems = state_mismatch(own, {k: v.shape for k, v in state.items()}, limit=3)
+        own = self.state_dict().keys()
+        missing = sorted(own - state.keys() - self.optional_state)
+        unexpected = sorted(state.keys() - own - self.optional_state)
+        problems = "; ".join(
+            f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            for label, names in (("missing", missing), ("unexpected", unexpected))
+            if names
+        )
         if problems:
             raise SmopeError(
                 f"checkpoint does not fit this {self.name} model ({problems}): it was written by another method, "

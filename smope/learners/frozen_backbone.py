@@ -33,6 +33,7 @@ class PrototypeLearner(Learner):
     """
 
     name = "prototype"
+    optional_state = frozenset({"class_stats.classes"})  # checkpoints from before per-task statistics
 
     def __init__(self, config: RunConfig, num_classes: int) -> None:
         super().__init__(config, num_classes)

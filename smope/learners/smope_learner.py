@@ -46,6 +46,8 @@ def smope_config(config: RunConfig) -> SMoPEConfig:
 class PromptLearner(Learner):
     """Shared machinery of learners built on prompt experts plus a linear head with alignment."""
 
+    optional_state = frozenset({"class_stats.classes"})  # checkpoints from before per-task statistics
+
     def __init__(self, config: RunConfig, num_classes: int) -> None:
         super().__init__(config, num_classes)
         backbone = create_backbone(config.model, num_classes)
