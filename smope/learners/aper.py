@@ -57,5 +57,6 @@ class APERLearner(Learner):
         return {**self.adapter.state_dict(), **self.stats.state_dict(PROTOTYPES)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_state_dict(state)
+        self.check_state(state)
+        self.adapter.load_state_dict({k: v for k, v in state.items() if not k.startswith(PROTOTYPES)})
         self.stats.load_state_dict(state, PROTOTYPES)

@@ -22,7 +22,7 @@ import torch
 from ..backbones import create_backbone
 from ..runconfig import RunConfig
 from .base import Learner, TaskContext
-from .ridge import RidgeHead
+from .ridge import RIDGE_PREFIX, RidgeHead
 from .smope_variants import DensePromptLearner
 
 
@@ -56,6 +56,7 @@ class RanPACLearner(Learner):
         return {**({} if self.adapter is None else self.adapter.state_dict()), **self.ridge.state_dict()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.check_state(state)
         self.ridge.load_state_dict(state)
         if self.adapter is not None:
-            self.adapter.load_state_dict(state)
+            self.adapter.load_state_dict({k: v for k, v in state.items() if not k.startswith(RIDGE_PREFIX)})

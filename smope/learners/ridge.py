@@ -21,6 +21,7 @@ import torch.nn.functional as F
 # RanPAC's release, optimise_ridge_parameter: 10^-8 ... 10^8 and an 80/20 split of the task's data.
 RIDGE_GRID = tuple(10.0**p for p in range(-8, 9))
 HOLDOUT = 0.2
+RIDGE_PREFIX = "ridge."  # checkpoint prefix of the projection, statistics and solved head
 
 
 def ridge_validation_losses(h_fit: torch.Tensor, y_fit: torch.Tensor, h_val: torch.Tensor, y_val: torch.Tensor, grid=RIDGE_GRID) -> torch.Tensor:
@@ -64,11 +65,11 @@ class RidgeHead:
         self.targets += (h.T @ y).float()
         self.weight = solve_ridge(self.gram, self.targets, float(self.ridge))
 
-    def state_dict(self, prefix: str = "ridge.") -> dict[str, torch.Tensor]:
+    def state_dict(self, prefix: str = RIDGE_PREFIX) -> dict[str, torch.Tensor]:
         names = ("projection", "gram", "targets", "weight", "ridge")
         return {f"{prefix}{name}": getattr(self, name) for name in names}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "ridge.") -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = RIDGE_PREFIX) -> None:
         for name in ("projection", "gram", "targets", "weight", "ridge"):
             setattr(self, name, state[f"{prefix}{name}"].clone())
 
