@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from .data import ClassIncrementalScenario, build_transform, cache_dataset, inpu
 from .errors import ConfigAdviceError, SmopeError
 from .learners import Learner, TaskContext, create_learner
 from .model import count_parameters
+from .routing import RoutingTracker, routing_metrics
 from .rundir import append_log, check_output_dir, config_change_advice, log_entry, rewrite_log, run_identity
 from .runconfig import RunConfig, load_config
 
@@ -115,10 +117,13 @@ def task_seed(seed: int, task: int) -> int:
     return seed * 1000 + task
 
 
-def evaluate(learner: Learner, scenario: ClassIncrementalScenario, task: int, progress: bool) -> list[float]:
+def evaluate(
+    learner: Learner, scenario: ClassIncrementalScenario, task: int, progress: bool, on_batch: Callable[[int], None] | None = None
+) -> list[float]:
     """Accuracy (percent) on each task 0..task's test set, predicting among all seen classes.
 
     In a data-parallel run each process counts on its shard and the counts are summed.
+    ``on_batch(j)`` runs after each forward on test task j (routing analytics read the layers then).
     """
     seen = scenario.seen_classes(task)
     counts = torch.zeros(task + 1, 2, dtype=torch.int64)  # correct, total
@@ -126,6 +131,8 @@ def evaluate(learner: Learner, scenario: ClassIncrementalScenario, task: int, pr
         for images, labels in learner.loader(scenario.test_dataset(j), learner.config.train.eval_batch_size, shuffle=False):
             predictions = learner.logits(images)[:, : seen.stop].argmax(-1).cpu()
             counts[j] += torch.tensor([int((predictions == labels).sum()), len(labels)])
+            if on_batch is not None:
+                on_batch(j)
     return [100.0 * correct / max(total, 1) for correct, total in distributed.all_reduce_sum(counts).tolist()]
 
 
@@ -147,6 +154,7 @@ class SeedRun:
         self.learner: Learner | None = None
         self.scenario: ClassIncrementalScenario | None = None
         self.run_id: str | None = None
+        self.routing: RoutingTracker | None = None
 
     def build(self) -> None:
         """Learner and scenario; the first seed also loads and transforms the data for the backbone."""
@@ -160,6 +168,7 @@ class SeedRun:
             self.data = prepare_data(self.config, self.learner.model, *raw)
         data = self.config.data
         self.scenario = ClassIncrementalScenario(self.data.train, self.data.test, data.num_tasks, self.seed, data.first_task_classes)
+        self.routing = RoutingTracker(self.learner.model)
 
     def test_sizes(self) -> list[int]:
         return [len(self.scenario.test_dataset(t)) for t in range(self.scenario.num_tasks)]
@@ -192,6 +201,8 @@ class SeedRun:
             "num_tasks": self.scenario.num_tasks,
             "seconds": round(seconds, 2),
         }
+        if self.routing.enabled:
+            meta["routing"] = self.routing.records
         state = {**self.learner.state_dict(), "rng_state": torch.get_rng_state()}
         save_checkpoint(checkpoint_path(self.seed_dir, task), state, meta)
         entry = log_entry(meta)
@@ -212,7 +223,9 @@ class SeedRun:
         rows: list[list[float]] = []
         if chain.length:
             last = chain.length - 1
-            rows = self.restore(last)["accuracy_matrix"]
+            meta = self.restore(last)
+            rows = meta["accuracy_matrix"]
+            self.routing.restore(meta.get("routing"), len(rows))
             if distributed.is_main():
                 tqdm.write(f"seed {self.seed}: resuming after task {last + 1} from {checkpoint_path(self.seed_dir, last)}")
         for task in range(len(rows), self.scenario.num_tasks):
@@ -228,14 +241,17 @@ class SeedRun:
                 all_train_data=self.scenario.all_train_dataset(),
             )
             self.learner.train_task(ctx)
-            self.learner.after_task(ctx)
-            rows.append(evaluate(self.learner, self.scenario, task, progress))
+            with self.routing.training_pass():
+                self.learner.after_task(ctx)
+            self.routing.begin_evaluation(task)
+            rows.append(evaluate(self.learner, self.scenario, task, progress, self.routing.observe_test))
+            self.routing.end_evaluation()
             if distributed.is_main():  # every process holds the same state and rows
                 self.save_task(task, rows, time.time() - started)
         return {"seed": self.seed, **cl_metrics.summarize(rows, self.test_sizes())}
 
 
-def write_metrics(out: Path, config: RunConfig, per_seed: list[dict], learner: Learner) -> dict:
+def write_metrics(out: Path, config: RunConfig, per_seed: list[dict], learner: Learner, routing: dict | None = None) -> dict:
     """metrics.json's content; only the main process of a data-parallel run writes the files."""
     counts = count_parameters(learner.model)
     result = {
@@ -246,11 +262,14 @@ def write_metrics(out: Path, config: RunConfig, per_seed: list[dict], learner: L
         "model_kwargs": config.model.kwargs,
         "num_tasks": len(per_seed[0]["accuracy_matrix"]),
         "seeds": [run["seed"] for run in per_seed],
+        "num_classes": learner.num_classes,
         "trainable_parameters": counts["trainable"],
         "parameters": counts,
         **cl_metrics.aggregate(per_seed),
         "per_seed": per_seed,
     }
+    if routing is not None:
+        result["routing"] = routing
     if not distributed.is_main():
         return result
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
@@ -273,15 +292,16 @@ def run_experiment(config: RunConfig) -> dict:
     distributed.barrier()  # the others start once config.yaml is checked and written
     if not distributed.is_main():
         config = replace(config, train=replace(config.train, progress=False))  # one set of progress bars
-    per_seed, data, learner = [], None, None
+    per_seed, data, learner, trackers = [], None, None, []
     try:
         for seed in config.seeds:
             seed_run = SeedRun(config, seed, out, data)
             per_seed.append(seed_run.run())
             data, learner = seed_run.data, seed_run.learner
+            trackers.append((seed, seed_run.routing))
     except ConfigAdviceError as exc:
         raise ConfigAdviceError(f"{exc}. {config_change_advice(out)}") from exc
-    return write_metrics(out, config, per_seed, learner)
+    return write_metrics(out, config, per_seed, learner, routing_metrics(trackers))
 
 
 def evaluate_run(run_dir: Path) -> dict:
