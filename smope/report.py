@@ -189,6 +189,77 @@ def plot_expert_usage(usage: dict[str, np.ndarray], seed: int, task: int, path: 
     return path
 
 
+def plot_routing(routing: dict, path: Path) -> Path:
+    """Per prompted layer: each task's share of selections per expert (top) and the task-overlap matrix (bottom)."""
+    seed = routing["per_seed"][0]
+    usage = np.array(seed["task_usage"], dtype=np.float64).sum(2)  # (tasks, layers, experts), summed over heads
+    overlap = np.array(seed["task_overlap"], dtype=np.float64)  # (layers, tasks, tasks)
+    num_tasks, num_layers, num_experts = usage.shape
+    share = usage / np.maximum(usage.sum(-1, keepdims=True), 1)
+    figure = _figure(max(8.0, 3.2 * num_layers), 2.0 * max(2.5, 0.35 * num_tasks + 1.6))
+    axes = figure.subplots(2, num_layers, squeeze=False)
+    ticks = np.arange(num_tasks)
+    for layer, name in enumerate(routing["layers"]):
+        top, bottom = axes[0, layer], axes[1, layer]
+        used = top.imshow(share[:, layer], cmap="magma", aspect="auto", vmin=0)
+        top.set(title=name, xlabel="expert", ylabel="task" if layer == 0 else None)
+        top.set_yticks(ticks, [str(t + 1) for t in ticks])
+        common = bottom.imshow(np.ma.masked_invalid(overlap[layer]), cmap="viridis", vmin=0, vmax=1)
+        for a in range(num_tasks):
+            for b in range(num_tasks):
+                if num_tasks <= 10 and np.isfinite(overlap[layer, a, b]):
+                    value = overlap[layer, a, b]
+                    bottom.text(b, a, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if value > 0.6 else "white")
+        bottom.set_xticks(ticks, [str(t + 1) for t in ticks])
+        bottom.set_yticks(ticks, [str(t + 1) for t in ticks])
+        bottom.set(xlabel="task", ylabel="task" if layer == 0 else None)
+    figure.colorbar(used, ax=axes[0, :].tolist(), label="share of the task's selections")
+    figure.colorbar(common, ax=axes[1, :].tolist(), label="routing in common")
+    figure.suptitle(
+        f"Routing of each task's training images (seed {seed['seed']}, top-{routing['top_k']} of {num_experts} experts per head)\n"
+        "top: share of selections per expert, summed over heads; bottom: routing two tasks have in common",
+        fontsize=10,
+    )
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def routing_markdown(routing: dict) -> list[str]:
+    """The summary's "Routing" section: per task, averages over layers and heads of the first seed."""
+    seed = routing["per_seed"][0]
+    entropy = np.array(seed["entropy"], dtype=np.float64)  # (tasks, layers, heads), NaN = no usage
+    distinct = np.array(seed["distinct_sets"])
+    overlap = np.array(seed["task_overlap"], dtype=np.float64)
+    tests = seed["test_in_task_experts"]
+    header = ["task", "usage balance", "distinct expert sets (median, max)", "heads with one set", "overlap with earlier tasks", "test routing on own experts (%): after task, at end"]
+    lines = [
+        "## Routing",
+        "",
+        f"Seed {seed['seed']}; {len(routing['layers'])} prompted layers x {routing['num_heads']} heads, top-{routing['top_k']} of "
+        f"{routing['num_experts']} experts. Usage balance is the entropy of the task's expert usage, 0 when every image "
+        f"takes the same {routing['top_k']} experts and 1 when all are used alike; a head with one distinct set routes every "
+        "image alike. Overlap is the share of routing a task has in common with earlier tasks (1 = the same experts). "
+        "Test routing is the share of a task's test-image selections that fall on experts its training images used.",
+        "",
+        _table_row(header),
+        _table_row(["---"] * len(header)),
+    ]
+    for task in range(len(distinct)):
+        earlier = overlap[:, task, :task]
+        used = np.isfinite(entropy[task]).any()
+        final = tests[-1][task] if task < len(tests[-1]) else None
+        cells = [
+            str(task + 1),
+            f"{np.nanmean(entropy[task]):.2f}" if used else "n/a",
+            f"{np.median(distinct[task]):g}, {distinct[task].max()}",
+            f"{int((distinct[task] == 1).sum())} of {distinct[task].size}",
+            f"{np.nanmean(earlier):.2f}" if task and used and np.isfinite(earlier).any() else "-",
+            " / ".join("n/a" if v is None else f"{v:.1f}" for v in (tests[task][task], final)),
+        ]
+        lines.append(_table_row(cells))
+    return [*lines, "", "![routing](routing.png)", ""]
+
+
 def _tasks_cell(results: dict) -> str:
     done = len(results["accuracy_matrix"])
     return str(done) if done == results["num_tasks"] else f"{done} of {results['num_tasks']}"
@@ -250,6 +321,11 @@ def write_report(run_dir: Path) -> list[Path]:
     if usage is not None:
         counts, task = usage
         plots.append(plot_expert_usage(counts, seed, task, out / "expert_usage.png"))
+    routing = results.get("routing")
+    text = summary_markdown(results, plots)
+    if routing is not None:
+        plots.append(plot_routing(routing, out / "routing.png"))
+        text += "\n" + "\n".join(routing_markdown(routing))
     summary = out / "summary.md"
-    summary.write_text(summary_markdown(results, plots))
+    summary.write_text(text)
     return [*plots, summary]
