@@ -35,6 +35,7 @@ from .data import ClassIncrementalScenario, build_transform, cache_dataset, inpu
 from .errors import ConfigAdviceError, SmopeError
 from .learners import Learner, TaskContext, create_learner
 from .model import count_parameters
+from .provenance import record_seed
 from .routing import RoutingTracker, routing_metrics
 from .rundir import append_log, check_output_dir, config_change_advice, log_entry, rewrite_log, run_identity
 from .runconfig import RunConfig, load_config
@@ -88,6 +89,7 @@ class PreparedData:
     train: Dataset
     test: Dataset
     num_classes: int
+    split_file: str | None = None  # the fixed split a dataset reads, if any (recorded in provenance.json)
 
 
 def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
@@ -110,7 +112,7 @@ def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, 
             images, labels = cache_dataset(view, num_workers=data.num_workers).tensors
             view = TensorImages(images, labels, view.classes)
         splits.append(view)
-    return PreparedData(splits[0], splits[1], len(raw_train.classes))
+    return PreparedData(splits[0], splits[1], len(raw_train.classes), getattr(raw_train, "split_file", None))
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -219,6 +221,8 @@ class SeedRun:
                 tqdm.write(f"seed {self.seed}: {chain.problem}; recomputing from task {chain.length + 1}")
             rewrite_log(self.out, self.seed, chain.metas)
         self.build()
+        if distributed.is_main():
+            record_seed(self.out, self.config, self.seed, self.scenario, self.data.split_file)
         progress = self.config.train.progress
         rows: list[list[float]] = []
         if chain.length:

@@ -23,6 +23,7 @@ from .checkpoint import load_checkpoint
 from .errors import SmopeError
 from .experiment import checkpoint_path, finished_tasks
 from .model import PEFT_KEY_PREFIX
+from .provenance import PROVENANCE_FILE, provenance_markdown
 
 REPORT_DIR = "report"
 COUNTS_SUFFIX = ".experts.counts"
@@ -265,8 +266,14 @@ def _tasks_cell(results: dict) -> str:
     return str(done) if done == results["num_tasks"] else f"{done} of {results['num_tasks']}"
 
 
-def summary_markdown(results: dict, plots: list[Path]) -> str:
-    """The summary table, the average-accuracy row and the plots, as Markdown."""
+def load_provenance(run_dir: Path) -> dict | None:
+    """``provenance.json`` of a run (runs written before it existed have none)."""
+    path = run_dir / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summary_markdown(results: dict, plots: list[Path], provenance: dict | None = None) -> str:
+    """Provenance, the summary table, the average-accuracy row and the plots, as Markdown."""
     params = results["trainable_parameters"]
     cells = [
         results["method"],
@@ -284,6 +291,7 @@ def summary_markdown(results: dict, plots: list[Path]) -> str:
         "",
         f"Backbone {results['model']}; seeds {', '.join(map(str, results['seeds']))}; every metric is mean ± std over the seeds.",
         "",
+        *(provenance_markdown(provenance) if provenance else []),
         _table_row(header),
         _table_row(["---"] * len(header)),
         _table_row(cells),
@@ -322,7 +330,7 @@ def write_report(run_dir: Path) -> list[Path]:
         counts, task = usage
         plots.append(plot_expert_usage(counts, seed, task, out / "expert_usage.png"))
     routing = results.get("routing")
-    text = summary_markdown(results, plots)
+    text = summary_markdown(results, plots, load_provenance(run_dir))
     if routing is not None:
         plots.append(plot_routing(routing, out / "routing.png"))
         text += "\n" + "\n".join(routing_markdown(routing))
