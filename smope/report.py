@@ -12,6 +12,7 @@ plotting state alone and leaks no open figures.
 from __future__ import annotations
 
 import json
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .checkpoint import load_checkpoint
+from .data import split_classes
 from .errors import SmopeError
 from .experiment import checkpoint_path, finished_tasks
 from .model import PEFT_KEY_PREFIX
@@ -112,8 +114,8 @@ def _run_label(results: dict) -> str:
     return f"{results['method']} on {results['dataset']}, {over}"
 
 
-def plot_average_accuracy(results: dict, path: Path) -> Path:
-    """Average accuracy over the seen tasks after each task: mean over seeds, with a ±std band."""
+def plot_average_accuracy(results: dict, path: Path, chance: list[float] | None = None) -> Path:
+    """Average accuracy over the seen tasks after each task: mean over seeds, with a ±std band and chance level."""
     curves = np.array([run["average_accuracy"] for run in results["per_seed"]])
     mean, std = curves.mean(0), curves.std(0)  # population std, as in metrics.json
     tasks = np.arange(1, len(mean) + 1)
@@ -124,7 +126,9 @@ def plot_average_accuracy(results: dict, path: Path) -> Path:
     ax.plot(tasks, mean, marker="o", label="mean over seeds" if len(curves) > 1 else None)
     for task, value in zip(tasks, mean):
         ax.annotate(f"{value:.1f}", (task, value), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-    if len(curves) > 1:
+    if chance is not None:
+        ax.plot(np.arange(1, len(chance) + 1), chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    if len(curves) > 1 or chance is not None:
         ax.legend(loc="lower left")
     ax.set(xticks=tasks, ylim=(0, 105), xlabel="tasks learned", ylabel="average accuracy on seen tasks (%)")
     ax.set_title(f"Average accuracy after each task\n{_run_label(results)}")
@@ -272,6 +276,16 @@ def load_provenance(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def chance_curve(run_dir: Path, results: dict) -> list[float] | None:
+    """Average accuracy of uniform guessing after each task (percent): 100 / classes seen so far."""
+    provenance = load_provenance(run_dir) or {}
+    sizes = provenance.get("dataset", {}).get("task_sizes")
+    if sizes is None and results.get("num_classes"):
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+        sizes = split_classes(results["num_classes"], data["num_tasks"], data.get("first_task_classes"))
+    return None if sizes is None else [100.0 / seen for seen in accumulate(sizes)]
+
+
 def summary_markdown(results: dict, plots: list[Path], provenance: dict | None = None) -> str:
     """Provenance, the summary table, the average-accuracy row and the plots, as Markdown."""
     params = results["trainable_parameters"]
@@ -314,14 +328,14 @@ def _table_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def write_report(run_dir: Path) -> list[Path]:
-    """Write the plots and ``summary.md`` into ``run_dir/report/``; returns their paths, summary last."""
+def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
+    """Write the plots and ``summary.md`` into ``out`` (default ``run_dir/report/``); returns their paths, summary last."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
-    out = run_dir / REPORT_DIR
-    out.mkdir(exist_ok=True)
+    out = run_dir / REPORT_DIR if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     plots = [
-        plot_average_accuracy(results, out / "average_accuracy.png"),
+        plot_average_accuracy(results, out / "average_accuracy.png", chance_curve(run_dir, results)),
         plot_accuracy_matrix(results, out / "accuracy_matrix.png"),
     ]
     seed = results["seeds"][0]
