@@ -16,10 +16,11 @@ import yaml
 from .errors import SmopeError
 from .flops import method_flops
 from .report import _figure, _table_row, chance_curve, format_mean_std, load_results
+from .rundir import EXECUTION_KEYS
 from .runconfig import load_config
 
-# Keys that say where and how a run executed, not what it computed.
-IGNORED_KEYS = {"output_dir", "train.progress", "train.device", "data.num_workers", "data.root"}
+# Keys that say where and how a run executed, not what it computed (the seeds do count here).
+IGNORED_KEYS = {".".join(key) for key in EXECUTION_KEYS if key != ("seeds",)} | {"data.root"}
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:

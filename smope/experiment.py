@@ -34,6 +34,7 @@ from .checkpoint import Chain, chain_link, load_checkpoint, save_checkpoint, ver
 from .data import ClassIncrementalScenario, build_transform, cache_dataset, input_norm, load_dataset
 from .errors import ConfigAdviceError, SmopeError
 from .learners import Learner, TaskContext, create_learner
+from .loggers import RunLoggers, check_loggers
 from .model import count_parameters
 from .provenance import record_seed
 from .routing import RoutingTracker, routing_metrics
@@ -223,6 +224,15 @@ class SeedRun:
         self.build()
         if distributed.is_main():
             record_seed(self.out, self.config, self.seed, self.scenario, self.data.split_file)
+        loggers = RunLoggers(self.config.train.loggers if distributed.is_main() else [], self.config, self.out, self.seed)
+        try:
+            return self.run_tasks(chain, loggers)
+        finally:
+            loggers.close()
+
+    def run_tasks(self, chain: Chain, loggers: RunLoggers) -> dict:
+        if loggers.loggers:
+            self.learner.log_step = loggers.training_step
         progress = self.config.train.progress
         rows: list[list[float]] = []
         if chain.length:
@@ -250,6 +260,7 @@ class SeedRun:
             self.routing.begin_evaluation(task)
             rows.append(evaluate(self.learner, self.scenario, task, progress, self.routing.observe_test))
             self.routing.end_evaluation()
+            loggers.task_finished(task, rows[-1], self.routing.latest_scalars())
             if distributed.is_main():  # every process holds the same state and rows
                 self.save_task(task, rows, time.time() - started)
         return {"seed": self.seed, **cl_metrics.summarize(rows, self.test_sizes())}
@@ -291,6 +302,7 @@ def run_experiment(config: RunConfig) -> dict:
     """Run (or resume) every seed of ``config`` and write the outputs; returns metrics.json's content."""
     out = Path(config.output_dir)
     distributed.local_batch_size(config.train.batch_size, exact=True)  # an uneven split fails before any work
+    check_loggers(config.train.loggers)
     if distributed.is_main():
         check_output_dir(out, config)
     distributed.barrier()  # the others start once config.yaml is checked and written

@@ -19,7 +19,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
 from .checkpoint import load_checkpoint
 from .data import backbone_norm, build_transform, class_order, split_classes
 from .errors import SmopeError
-from .experiment import checkpoint_path, finished_tasks, load_splits
+from .experiment import checkpoint_path, finished_tasks, load_splits, task_seed
 from .learners import Learner, create_learner
 from .model import SMoPEModel
 from .provenance import PROVENANCE_FILE
@@ -66,7 +66,7 @@ def load_trained_run(run_dir: str | Path, seed: int | None = None) -> TrainedRun
         raise SmopeError(f"{run_dir} has no task checkpoint for seed {candidates[0] if seed is not None else config.seeds}: nothing trained yet")
     seed, tasks = done[0]
     names, sizes = _classes(run_dir, config, seed)
-    torch.manual_seed(0)  # any random head or prompt is overwritten by the checkpoint
+    torch.manual_seed(task_seed(seed, 0))  # as the run did: a random-weight backbone (model.weights=none) comes back the same
     learner = create_learner(config, len(names))
     tensors, _ = load_checkpoint(checkpoint_path(run_dir / f"seed_{seed}", tasks[-1]))
     tensors.pop("rng_state", None)

@@ -166,6 +166,22 @@ class RoutingTracker:
         ]
         self._test_hits = None
 
+    def latest_scalars(self) -> dict[str, float] | None:
+        """The last task's routing in a few numbers, for experiment trackers."""
+        if not self.enabled or not self.records:
+            return None
+        record = self.records[-1]
+        usage = np.array([r["usage"] for r in self.records], dtype=np.float64)
+        distinct = np.array(record["distinct_sets"])
+        values = {
+            "routing/usage_balance": float(np.nanmean(normalised_entropy(usage[-1], self.layers[0].top_k))),
+            "routing/heads_with_one_set": float((distinct == 1).mean()),
+            "routing/test_on_own_experts": record["test_in_task_experts"][-1],
+        }
+        if len(usage) > 1:
+            values["routing/overlap_with_earlier_tasks"] = float(np.nanmean(task_overlap(usage)[:, -1, :-1]))
+        return {k: v for k, v in values.items() if v is not None and np.isfinite(v)}
+
     def summary(self, seed: int) -> dict | None:
         """This seed's part of metrics.json's ``routing``, or None without prompt experts."""
         if not self.enabled or not self.records:
