@@ -254,7 +254,8 @@ class SeedRun:
                 seed=task_seed(self.seed, task),
                 all_train_data=self.scenario.all_train_dataset(),
             )
-            self.learner.train_task(ctx)
+            with self.routing.training_steps():
+                self.learner.train_task(ctx)
             with self.routing.training_pass():
                 self.learner.after_task(ctx)
             self.routing.begin_evaluation(task)

@@ -235,22 +235,33 @@ def routing_markdown(routing: dict) -> list[str]:
     entropy = np.array(seed["entropy"], dtype=np.float64)  # (tasks, layers, heads), NaN = no usage
     distinct = np.array(seed["distinct_sets"])
     overlap = np.array(seed["task_overlap"], dtype=np.float64)
+    steps = np.array(seed["step_overlap"], dtype=np.float64)  # (layers, tasks, tasks): training steps of t vs usage of a
     tests = seed["test_in_task_experts"]
-    header = ["task", "usage balance", "distinct expert sets (median, max)", "heads with one set", "overlap with earlier tasks", "test routing on own experts (%): after task, at end"]
+    header = [
+        "task",
+        "usage balance",
+        "distinct expert sets (median, max)",
+        "heads with one set",
+        "overlap with earlier tasks",
+        "training steps' overlap with earlier tasks",
+        "test routing on own experts (%): after task, at end",
+    ]
     lines = [
         "## Routing",
         "",
         f"Seed {seed['seed']}; {len(routing['layers'])} prompted layers x {routing['num_heads']} heads, top-{routing['top_k']} of "
         f"{routing['num_experts']} experts. Usage balance is the entropy of the task's expert usage, 0 when every image "
         f"takes the same {routing['top_k']} experts and 1 when all are used alike; a head with one distinct set routes every "
-        "image alike. Overlap is the share of routing a task has in common with earlier tasks (1 = the same experts). "
+        "image alike. Overlap is the share of routing a task has in common with earlier tasks (1 = the same experts); "
+        "the training steps' overlap compares the experts the task's training steps attended to (with the adaptive noise) "
+        "with the earlier tasks' usage. "
         "Test routing is the share of a task's test-image selections that fall on experts its training images used.",
         "",
         _table_row(header),
         _table_row(["---"] * len(header)),
     ]
     for task in range(len(distinct)):
-        earlier = overlap[:, task, :task]
+        earlier, earlier_steps = overlap[:, task, :task], steps[:, task, :task]
         used = np.isfinite(entropy[task]).any()
         final = tests[-1][task] if task < len(tests[-1]) else None
         cells = [
@@ -258,7 +269,7 @@ def routing_markdown(routing: dict) -> list[str]:
             f"{np.nanmean(entropy[task]):.2f}" if used else "n/a",
             f"{np.median(distinct[task]):g}, {distinct[task].max()}",
             f"{int((distinct[task] == 1).sum())} of {distinct[task].size}",
-            f"{np.nanmean(earlier):.2f}" if task and used and np.isfinite(earlier).any() else "-",
+            *(f"{np.nanmean(values):.2f}" if task and np.isfinite(values).any() else "-" for values in (earlier, earlier_steps)),
             " / ".join("n/a" if v is None else f"{v:.1f}" for v in (tests[task][task], final)),
         ]
         lines.append(_table_row(cells))
@@ -280,7 +291,7 @@ def chance_curve(run_dir: Path, results: dict) -> list[float] | None:
     """Average accuracy of uniform guessing after each task (percent): 100 / classes seen so far."""
     provenance = load_provenance(run_dir) or {}
     sizes = provenance.get("dataset", {}).get("task_sizes")
-    if sizes is None and results.get("num_classes"):
+    if sizes is None and results.get("num_classes") and (run_dir / "config.yaml").is_file():
         data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
         sizes = split_classes(results["num_classes"], data["num_tasks"], data.get("first_task_classes"))
     return None if sizes is None else [100.0 / seen for seen in accumulate(sizes)]

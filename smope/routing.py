@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
@@ -60,16 +61,16 @@ def normalised_entropy(counts: np.ndarray, top_k: int) -> np.ndarray:
     return np.where(total[..., 0] > 0, balance, np.nan)
 
 
-def task_overlap(usage: np.ndarray) -> np.ndarray:
+def task_overlap(usage: np.ndarray, other: np.ndarray | None = None) -> np.ndarray:
     """Per layer, the share of routing two tasks have in common: (T, L, H, E) counts -> (L, T, T).
 
     For tasks a and b and each head, sum over experts of min(share_a, share_b) (1 = the same
-    usage, 0 = disjoint experts), averaged over heads. NaN for a task without counts.
+    usage, 0 = disjoint experts), averaged over heads. NaN for a task without counts. With
+    ``other``, row a is ``usage``'s task a and column b is ``other``'s task b.
     """
-    usage = np.asarray(usage, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        share = usage / usage.sum(-1, keepdims=True)  # (T, L, H, E)
-    common = np.minimum(share[:, None], share[None, :]).sum(-1).mean(-1)  # (T, T, L)
+        share_a, share_b = (np.asarray(u, dtype=np.float64) / np.asarray(u).sum(-1, keepdims=True) for u in (usage, usage if other is None else other))
+    common = np.minimum(share_a[:, None], share_b[None, :]).sum(-1).mean(-1)  # (T, T, L)
     return common.transpose(2, 0, 1)
 
 
@@ -78,6 +79,17 @@ def _selection(layer: PromptedAttention) -> torch.Tensor:
     if layer.last_selected is not None:
         return layer.last_selected
     return layer.last_scores.topk(layer.top_k, dim=-1).indices
+
+
+@contextmanager
+def _hooks(layers: list[PromptedAttention], make_hook) -> Iterator[None]:
+    """Forward hooks ``make_hook(index)`` on every layer, removed on exit."""
+    handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _union_over_processes(sets: list[set]) -> list[set]:
@@ -101,6 +113,7 @@ class RoutingTracker:
         self.names = [n.removeprefix("base_model.") for n, m in model.named_modules() if isinstance(m, PromptedAttention)]
         self.records: list[dict] = []
         self._test_hits: torch.Tensor | None = None
+        self._step_usage: torch.Tensor | None = None
 
     @property
     def enabled(self) -> bool:
@@ -112,6 +125,29 @@ class RoutingTracker:
             self.records = list(records)
         elif self.enabled:
             self.layers = []  # earlier tasks are unknown: report no routing rather than a partial one
+
+    @contextmanager
+    def training_steps(self) -> Iterator[None]:
+        """Around a task's training: count the experts the sparse training forwards attended to.
+
+        These selections include the adaptive noise (the usage pass does not), so they show
+        where the noise steered the task's training.
+        """
+        if not self.enabled:
+            yield
+            return
+        counts = torch.zeros(len(self.layers), self.layers[0].num_heads, self.layers[0].experts.num_experts, dtype=torch.int64)
+
+        def observe(index: int):
+            def hook(module: PromptedAttention, args, output) -> None:
+                if module.training and module.last_selected is not None:
+                    counts[index] += F.one_hot(module.last_selected, module.experts.num_experts).sum(dim=(0, 2)).cpu()
+
+            return hook
+
+        with _hooks(self.layers, observe):
+            yield
+        self._step_usage = distributed.all_reduce_sum(counts)
 
     @contextmanager
     def training_pass(self) -> Iterator[None]:
@@ -132,15 +168,13 @@ class RoutingTracker:
 
             return hook
 
-        handles = [layer.register_forward_hook(observe(i)) for i, layer in enumerate(self.layers)]
-        try:
+        with _hooks(self.layers, observe):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
         distinct = [[len(s) for s in _union_over_processes(layer_sets)] for layer_sets in sets]
         usage = (expert_usage(self.model).cpu() - before).tolist()
-        self.records.append({"usage": usage, "distinct_sets": distinct, "test_in_task_experts": []})
+        steps = torch.zeros_like(before) if self._step_usage is None else self._step_usage
+        self.records.append({"usage": usage, "distinct_sets": distinct, "step_usage": steps.tolist(), "test_in_task_experts": []})
+        self._step_usage = None
 
     def begin_evaluation(self, task: int) -> None:
         if self.enabled:
@@ -187,9 +221,12 @@ class RoutingTracker:
         if not self.enabled or not self.records:
             return None
         usage = np.array([r["usage"] for r in self.records])
+        steps = np.array([r.get("step_usage", np.zeros_like(usage[0])) for r in self.records])
         return {
             "seed": seed,
             "task_usage": usage.tolist(),
+            "step_usage": steps.tolist(),
+            "step_overlap": _json_floats(task_overlap(steps, usage)),
             "distinct_sets": [r["distinct_sets"] for r in self.records],
             "entropy": _json_floats(normalised_entropy(usage, self.layers[0].top_k)),
             "task_overlap": _json_floats(task_overlap(usage)),

@@ -76,6 +76,20 @@ def test_a_usage_pass_is_the_difference_of_cumulative_counts(model):
     assert (smope.expert_usage(model)[0, 0, FORCED[0]] == 10).all()
 
 
+def test_training_steps_count_the_attended_experts(model):
+    tracker = RoutingTracker(model)
+    with tracker.training_steps():
+        model.train()
+        for batch in (3, 5):
+            model(torch.randn(batch, 3, 32, 32))
+    model.eval()
+    usage_pass(model, tracker, [torch.randn(2, 3, 32, 32)])
+    steps = np.array(tracker.records[0]["step_usage"])
+    assert (steps[0][:, list(FORCED)] == 8).all() and steps[0].sum() == 8 * 4 * TOP_K
+    assert (steps[1].sum(-1) == 8 * TOP_K).all()
+    assert np.array(tracker.records[0]["usage"])[0, 0, FORCED[0]] == 2  # the usage pass alone, not the steps
+
+
 def test_test_images_on_the_task_experts(model):
     tracker = RoutingTracker(model)
     usage_pass(model, tracker, [torch.randn(4, 3, 32, 32)])
