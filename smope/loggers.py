@@ -53,7 +53,6 @@ class WandbLogger:
             group=Path(config.output_dir).name,
             config={**config.to_dict(), "seed": seed},
             mode=os.environ.get("WANDB_MODE", "offline"),
-            reinit=True,
         )
 
     def log(self, values: dict[str, float], step: int) -> None:

@@ -1,6 +1,7 @@
 """Using and comparing finished tiny runs: provenance, predict, export, run comparison, loggers."""
 
 import hashlib
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +20,8 @@ from smope.experiment import task_seed
 from smope.predict import load_trained_run
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
-HAS_TENSORBOARD = __import__("importlib").util.find_spec("tensorboard") is not None
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+HAS_WANDB = importlib.util.find_spec("wandb") is not None
 
 
 def run_cli(*args: str) -> None:
@@ -173,8 +175,18 @@ def test_tensorboard_events_hold_the_per_task_accuracy(tiny_run):
     assert np.allclose(first_task, [row[0] for row in metrics["accuracy_matrix"]], atol=1e-4)
 
 
+@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install 'smope[wandb]')")
+def test_wandb_writes_one_offline_run_per_seed(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_cli("run", TINY, f"output_dir={tmp_path / 'run'}", "train.epochs=1", "seeds=[0,1]", "train.loggers=[wandb]")
+    logs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(logs) == 2
+    for log in logs:  # wandb's own binary record log: every per-task accuracy tag is in it
+        assert all(f"accuracy/task_{j}".encode() in log.read_bytes() for j in (1, 2, 3))
+
+
 def test_a_missing_logger_package_names_the_extra(tmp_path, capsys, monkeypatch):
-    real_find_spec = __import__("importlib").util.find_spec
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
     with pytest.raises(SystemExit) as stopped:
         run_cli("run", TINY, f"output_dir={tmp_path / 'run'}", "train.loggers=[wandb]")
