@@ -103,8 +103,9 @@ def _union_over_processes(sets: list[set]) -> list[set]:
 class RoutingTracker:
     """Per-task routing records of one seed's model; inert for a model without prompt experts.
 
-    ``records[t]`` holds task t's ``usage`` (L, H, E), ``distinct_sets`` (L, H) and
-    ``test_in_task_experts`` (percent, one value per test task 0..t).
+    ``records[t]`` holds task t's ``usage`` (L, H, E) from the usage pass, ``distinct_sets``
+    (L, H), ``step_usage`` (L, H, E) from the training steps and ``test_in_task_experts``
+    (percent, one value per test task 0..t).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -113,6 +114,7 @@ class RoutingTracker:
         self.names = [n.removeprefix("base_model.") for n, m in model.named_modules() if isinstance(m, PromptedAttention)]
         self.records: list[dict] = []
         self._test_hits: torch.Tensor | None = None
+        self._used: list[torch.Tensor] = []
         self._step_usage: torch.Tensor | None = None
 
     @property
@@ -179,12 +181,13 @@ class RoutingTracker:
     def begin_evaluation(self, task: int) -> None:
         if self.enabled:
             self._test_hits = torch.zeros(task + 1, 2, dtype=torch.int64)  # selections in used experts, all
+            self._used = [torch.tensor(r["usage"]) > 0 for r in self.records]  # (L, H, E) per task
 
     def observe_test(self, test_task: int) -> None:
         """After an evaluation forward on ``test_task``'s images: count selections of that task's experts."""
         if self._test_hits is None:
             return
-        used = torch.tensor(self.records[test_task]["usage"]) > 0  # (L, H, E)
+        used = self._used[test_task]
         for index, layer in enumerate(self.layers):
             selected = _selection(layer).cpu()  # (B, H, K)
             heads = torch.arange(selected.shape[1])[None, :, None]
