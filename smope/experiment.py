@@ -99,16 +99,21 @@ def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
         return tuple(load_dataset(data.name, data.root, train, data.download, data.split) for train in (True, False))
 
 
-def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, raw_test: Dataset) -> PreparedData:
-    """Transform both splits for ``model`` (its resolution, mean and std) and cache them when allowed."""
+def split_transform(config: RunConfig, model: torch.nn.Module, train: bool) -> Callable:
+    """The transform of one split for ``model`` (its resolution) and the config's normalisation, resize and augmentation."""
     data = config.data
     mean, std = input_norm(model, data.normalize)
     img_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else config.model.img_size
+    return build_transform(img_size, mean, std, train, data.augment if train else [], data.test_resize, data.interpolation)
+
+
+def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, raw_test: Dataset) -> PreparedData:
+    """Transform both splits for ``model`` and cache them when allowed."""
+    data = config.data
     splits = []
     for raw, train, limit in ((raw_train, True, data.train_per_class), (raw_test, False, data.test_per_class)):
         augment = data.augment if train else []
-        transform = build_transform(img_size, mean, std, train, augment, data.test_resize, data.interpolation)
-        view = TransformedView(raw, _limit_per_class(list(raw.targets), limit), transform)
+        view = TransformedView(raw, _limit_per_class(list(raw.targets), limit), split_transform(config, model, train))
         if data.cache and not augment:
             images, labels = cache_dataset(view, num_workers=data.num_workers).tensors
             view = TensorImages(images, labels, view.classes)

@@ -17,9 +17,9 @@ import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
 
 from .checkpoint import load_checkpoint
-from .data import backbone_norm, build_transform, class_order, split_classes
+from .data import class_order, split_classes
 from .errors import SmopeError
-from .experiment import checkpoint_path, finished_tasks, load_splits, task_seed
+from .experiment import checkpoint_path, finished_tasks, load_splits, split_transform, task_seed
 from .learners import Learner, create_learner
 from .model import SMoPEModel
 from .provenance import PROVENANCE_FILE
@@ -92,9 +92,7 @@ def image_paths(inputs: list[str]) -> list[Path]:
 
 def predict(run: TrainedRun, paths: list[Path], top_k: int = 5) -> list[dict]:
     """Top-k classes and probabilities per image, with the run's test transform."""
-    model = run.learner.model
-    img_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else run.config.model.img_size
-    transform = build_transform(img_size, *backbone_norm(model), train=False)
+    transform = split_transform(run.config, run.learner.model, train=False)
     k = min(top_k, run.seen)
     results = []
     batch_size = run.config.train.eval_batch_size
