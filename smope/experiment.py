@@ -152,6 +152,19 @@ def finished_tasks(seed_dir: Path) -> list[int]:
     return sorted(int(p.stem.split("_")[1]) for p in seed_dir.glob("task_*.safetensors"))
 
 
+def load_learner_state(learner: Learner, seed_dir: Path, task: int) -> tuple[dict, torch.Tensor | None]:
+    """The learner's state after ``task``, every checkpoint 0..task loaded in turn; returns the last one's metadata and RNG state.
+
+    A checkpoint holds the learner's whole trainable state but only the class statistics of
+    its own task's classes (full covariances are large), so the earlier ones supply the rest.
+    """
+    for earlier in range(task + 1):
+        tensors, meta = load_checkpoint(checkpoint_path(seed_dir, earlier))
+        rng = tensors.pop("rng_state", None)
+        learner.load_state_dict(tensors)
+    return meta, rng
+
+
 class SeedRun:
     """One seed of an experiment: learner, scenario and the per-task loop with resume."""
 
@@ -182,15 +195,7 @@ class SeedRun:
         return [len(self.scenario.test_dataset(t)) for t in range(self.scenario.num_tasks)]
 
     def restore(self, task: int) -> dict:
-        """The learner's state after ``task``: every checkpoint 0..task loaded in turn.
-
-        A checkpoint holds the learner's whole trainable state but only the class statistics of
-        its own task's classes (full covariances are large), so the earlier ones supply the rest.
-        """
-        for earlier in range(task + 1):
-            tensors, meta = load_checkpoint(checkpoint_path(self.seed_dir, earlier))
-            rng = tensors.pop("rng_state", None)
-            self.learner.load_state_dict(tensors)
+        meta, rng = load_learner_state(self.learner, self.seed_dir, task)
         if rng is not None:
             torch.set_rng_state(rng)
         return meta

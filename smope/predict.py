@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
 
-from .checkpoint import load_checkpoint
 from .data import class_order, split_classes
 from .errors import SmopeError
-from .experiment import checkpoint_path, finished_tasks, load_splits, split_transform, task_seed
+from .experiment import finished_tasks, load_learner_state, load_splits, split_transform, task_seed
 from .learners import Learner, create_learner
 from .model import SMoPEModel
 from .provenance import PROVENANCE_FILE
@@ -68,9 +67,7 @@ def load_trained_run(run_dir: str | Path, seed: int | None = None) -> TrainedRun
     names, sizes = _classes(run_dir, config, seed)
     torch.manual_seed(task_seed(seed, 0))  # as the run did: a random-weight backbone (model.weights=none) comes back the same
     learner = create_learner(config, len(names))
-    tensors, _ = load_checkpoint(checkpoint_path(run_dir / f"seed_{seed}", tasks[-1]))
-    tensors.pop("rng_state", None)
-    learner.load_state_dict(tensors)
+    load_learner_state(learner, run_dir / f"seed_{seed}", tasks[-1])
     return TrainedRun(config, seed, tasks[-1], learner, names, list(accumulate(sizes))[tasks[-1]])
 
 

@@ -138,18 +138,19 @@ class RoutingTracker:
         if not self.enabled:
             yield
             return
-        counts = torch.zeros(len(self.layers), self.layers[0].num_heads, self.layers[0].experts.num_experts, dtype=torch.int64)
+        device = self.layers[0].experts.keys.device  # counted where the model runs: no sync per step
+        counts = torch.zeros(len(self.layers), self.layers[0].num_heads, self.layers[0].experts.num_experts, dtype=torch.int64, device=device)
 
         def observe(index: int):
             def hook(module: PromptedAttention, args, output) -> None:
                 if module.training and module.last_selected is not None:
-                    counts[index] += F.one_hot(module.last_selected, module.experts.num_experts).sum(dim=(0, 2)).cpu()
+                    counts[index] += F.one_hot(module.last_selected, module.experts.num_experts).sum(dim=(0, 2))
 
             return hook
 
         with _hooks(self.layers, observe):
             yield
-        self._step_usage = distributed.all_reduce_sum(counts)
+        self._step_usage = distributed.all_reduce_sum(counts).cpu()
 
     @contextmanager
     def training_pass(self) -> Iterator[None]:
@@ -165,8 +166,8 @@ class RoutingTracker:
                 if module.training or module.last_scores is None:
                     return
                 codes = set_codes(module.last_scores.topk(module.top_k, dim=-1).indices, module.experts.num_experts)
-                for head, head_codes in enumerate(codes.transpose(0, 1).cpu().tolist()):
-                    sets[index][head].update(map(tuple, head_codes))
+                for head in range(codes.shape[1]):
+                    sets[index][head].update(map(tuple, torch.unique(codes[:, head], dim=0).tolist()))
 
             return hook
 
@@ -180,8 +181,9 @@ class RoutingTracker:
 
     def begin_evaluation(self, task: int) -> None:
         if self.enabled:
-            self._test_hits = torch.zeros(task + 1, 2, dtype=torch.int64)  # selections in used experts, all
-            self._used = [torch.tensor(r["usage"]) > 0 for r in self.records]  # (L, H, E) per task
+            device = self.layers[0].experts.keys.device
+            self._test_hits = torch.zeros(task + 1, 2, dtype=torch.int64, device=device)  # selections in used experts, all
+            self._used = [torch.tensor(r["usage"], device=device) > 0 for r in self.records]  # (L, H, E) per task
 
     def observe_test(self, test_task: int) -> None:
         """After an evaluation forward on ``test_task``'s images: count selections of that task's experts."""
@@ -189,14 +191,15 @@ class RoutingTracker:
             return
         used = self._used[test_task]
         for index, layer in enumerate(self.layers):
-            selected = _selection(layer).cpu()  # (B, H, K)
-            heads = torch.arange(selected.shape[1])[None, :, None]
-            self._test_hits[test_task] += torch.tensor([int(used[index][heads, selected].sum()), selected.numel()])
+            selected = _selection(layer)  # (B, H, K)
+            heads = torch.arange(selected.shape[1], device=selected.device)[None, :, None]
+            self._test_hits[test_task, 0] += used[index][heads, selected].sum()
+            self._test_hits[test_task, 1] += selected.numel()
 
     def end_evaluation(self) -> None:
         if self._test_hits is None:
             return
-        hits = distributed.all_reduce_sum(self._test_hits).tolist()
+        hits = distributed.all_reduce_sum(self._test_hits).cpu().tolist()
         trained = [np.sum(r["usage"]) > 0 for r in self.records]  # the joint ceiling trains at task 0 only
         self.records[-1]["test_in_task_experts"] = [
             100.0 * inside / max(total, 1) if has_usage else None for (inside, total), has_usage in zip(hits, trained)

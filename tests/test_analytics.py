@@ -85,23 +85,36 @@ def cli_report(run: Path) -> str:
     return (run / "report" / "summary.md").read_text()
 
 
-def test_predict_reproduces_the_final_accuracy(tiny_run, tmp_path, capsys):
-    """Images of the test split written as files and predicted one by one score what the run's evaluation did."""
-    trained = load_trained_run(tiny_run)
+def predicted_accuracy(run: Path, folder: Path, capsys) -> float:
+    """Write the test split as image files, predict them with ``smope predict --json`` and score the answers."""
+    trained = load_trained_run(run)
     test = load_dataset("digits", None, train=False)
     label_of = {name: label for label, name in enumerate(trained.class_names)}
     truth = {}
     for index in range(len(test)):
         image, original = test[index]
-        path = tmp_path / f"{index:04d}.png"
+        path = folder / f"{index:04d}.png"
         image.save(path)
         truth[str(path)] = label_of[test.classes[original]]
     capsys.readouterr()
-    run_cli("predict", str(tiny_run), str(tmp_path), "--json", "--top-k", "3")
+    run_cli("predict", str(run), str(folder), "--json", "--top-k", "3")
     results = json.loads(capsys.readouterr().out)
     assert len(results) == len(test) and all(len(r["predictions"]) == 3 for r in results)
-    correct = sum(r["predictions"][0]["label"] == truth[r["image"]] for r in results)
-    assert 100.0 * correct / len(results) == pytest.approx(metrics_of(tiny_run)["pooled_accuracy"])
+    return 100.0 * sum(r["predictions"][0]["label"] == truth[r["image"]] for r in results) / len(results)
+
+
+def test_predict_reproduces_the_final_accuracy(tiny_run, tmp_path, capsys):
+    """Images of the test split written as files and predicted one by one score what the run's evaluation did."""
+    assert predicted_accuracy(tiny_run, tmp_path, capsys) == pytest.approx(metrics_of(tiny_run)["pooled_accuracy"])
+
+
+@pytest.mark.parametrize("method", ["prototype", "l2p"])
+def test_predict_works_for_other_learners(method, tmp_path, capsys):
+    run = tmp_path / "run"
+    run_cli("run", TINY, f"output_dir={run}", "train.epochs=1", f"method.name={method}")
+    images = tmp_path / "images"
+    images.mkdir()
+    assert predicted_accuracy(run, images, capsys) == pytest.approx(metrics_of(run)["pooled_accuracy"])
 
 
 def test_predict_prints_class_names_and_probabilities(tiny_run, tmp_path, capsys):
