@@ -112,7 +112,8 @@ def test_two_processes_write_one_set_of_outputs_matching_one_process(two_process
     # Routing records combine the shards: every training image is counted once, its expert sets merged.
     routing_got, routing_expected = (metrics(run)["routing"]["per_seed"][0] for run in (out, tmp_path / "single"))
     assert np.array(routing_got["task_usage"]).sum((2, 3)).tolist() == np.array(routing_expected["task_usage"]).sum((2, 3)).tolist()
-    assert np.array(routing_got["step_usage"]).sum() == np.array(routing_expected["step_usage"]).sum()
+    # Training steps: equal shards may repeat a sample per epoch (ShardSampler), so about equal.
+    assert np.array(routing_got["step_usage"]).sum() == pytest.approx(np.array(routing_expected["step_usage"]).sum(), rel=0.01)
     assert [len(row) for row in routing_got["test_in_task_experts"]] == [1, 2, 3]
 
 
