@@ -214,13 +214,13 @@ class RoutingTracker:
         usage = np.array([r["usage"] for r in self.records], dtype=np.float64)
         distinct = np.array(record["distinct_sets"])
         values = {
-            "routing/usage_balance": float(np.nanmean(normalised_entropy(usage[-1], self.layers[0].top_k))),
-            "routing/heads_with_one_set": float((distinct == 1).mean()),
-            "routing/test_on_own_experts": record["test_in_task_experts"][-1],
+            "routing/usage_balance": normalised_entropy(usage[-1], self.layers[0].top_k),
+            "routing/heads_with_one_set": (distinct == 1).astype(np.float64),
+            "routing/test_on_own_experts": np.array(record["test_in_task_experts"][-1:], dtype=np.float64),
+            "routing/overlap_with_earlier_tasks": task_overlap(usage)[:, -1, :-1],
         }
-        if len(usage) > 1:
-            values["routing/overlap_with_earlier_tasks"] = float(np.nanmean(task_overlap(usage)[:, -1, :-1]))
-        return {k: v for k, v in values.items() if v is not None and np.isfinite(v)}
+        # Means over what was measured; a task without usage (the joint ceiling after its first) has none.
+        return {k: float(v[np.isfinite(v)].mean()) for k, v in values.items() if np.isfinite(v).any()}
 
     def summary(self, seed: int) -> dict | None:
         """This seed's part of metrics.json's ``routing``, or None without prompt experts."""
