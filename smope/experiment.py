@@ -215,7 +215,7 @@ class SeedRun:
             "seconds": round(seconds, 2),
         }
         if self.routing.enabled:
-            meta["routing"] = self.routing.records
+            meta["routing"] = self.routing.checkpoint_meta()
         state = {**self.learner.state_dict(), "rng_state": torch.get_rng_state()}
         save_checkpoint(checkpoint_path(self.seed_dir, task), state, meta)
         entry = log_entry(meta)
@@ -249,7 +249,7 @@ class SeedRun:
             last = chain.length - 1
             meta = self.restore(last)
             rows = meta["accuracy_matrix"]
-            self.routing.restore(meta.get("routing"), len(rows))
+            self.routing.restore((meta.get("routing") or {}).get("records"), len(rows))
             if distributed.is_main():
                 tqdm.write(f"seed {self.seed}: resuming after task {last + 1} from {checkpoint_path(self.seed_dir, last)}")
         for task in range(len(rows), self.scenario.num_tasks):

@@ -26,6 +26,7 @@ from .errors import SmopeError
 from .experiment import checkpoint_path, finished_tasks
 from .model import PEFT_KEY_PREFIX
 from .provenance import PROVENANCE_FILE, provenance_markdown
+from .routing import summarize_records
 
 REPORT_DIR = "report"
 COUNTS_SUFFIX = ".experts.counts"
@@ -56,19 +57,37 @@ def load_results(run_dir: Path) -> dict:
     if evaluated.is_file() and config_path.is_file():
         config = yaml.safe_load(config_path.read_text())
         result = json.loads(evaluated.read_text())
-        return {
+        seeds = [run["seed"] for run in result["per_seed"]]
+        partial = {
             "method": config["method"]["name"],
             "dataset": config["data"]["name"],
             "model": config["model"]["name"],
             "num_tasks": config["data"]["num_tasks"],
-            "seeds": [run["seed"] for run in result["per_seed"]],
+            "seeds": seeds,
             "trainable_parameters": None,
             **result,
         }
+        routing = routing_from_checkpoints(run_dir, seeds)
+        return partial if routing is None else {**partial, "routing": routing}
     raise SmopeError(
         f"{run_dir} has no metrics.json: finish the run with 'smope run CONFIG output_dir={run_dir}' first, "
         f"or for a partial run evaluate its checkpoints with 'smope eval {run_dir}'"
     )
+
+
+def routing_from_checkpoints(run_dir: Path, seeds: list[int]) -> dict | None:
+    """metrics.json's ``routing`` rebuilt from each seed's last checkpoint, for a partial run."""
+    layout, per_seed = None, []
+    for seed in seeds:
+        tasks = finished_tasks(run_dir / f"seed_{seed}")
+        if not tasks:
+            continue
+        _, meta = load_checkpoint(checkpoint_path(run_dir / f"seed_{seed}", tasks[-1]))
+        saved = meta.get("routing")
+        if saved:
+            layout = {k: v for k, v in saved.items() if k != "records"}
+            per_seed.append(summarize_records(saved["records"], saved["top_k"], seed))
+    return None if layout is None else {**layout, "per_seed": per_seed}
 
 
 def load_expert_usage(run_dir: Path, seed: int) -> tuple[dict[str, np.ndarray], int] | None:

@@ -226,23 +226,32 @@ class RoutingTracker:
         """This seed's part of metrics.json's ``routing``, or None without prompt experts."""
         if not self.enabled or not self.records:
             return None
-        usage = np.array([r["usage"] for r in self.records])
-        steps = np.array([r.get("step_usage", np.zeros_like(usage[0])) for r in self.records])
-        return {
-            "seed": seed,
-            "task_usage": usage.tolist(),
-            "step_usage": steps.tolist(),
-            "step_overlap": _json_floats(task_overlap(steps, usage)),
-            "distinct_sets": [r["distinct_sets"] for r in self.records],
-            "entropy": _json_floats(normalised_entropy(usage, self.layers[0].top_k)),
-            "task_overlap": _json_floats(task_overlap(usage)),
-            "test_in_task_experts": [r["test_in_task_experts"] for r in self.records],
-        }
+        return summarize_records(self.records, self.layers[0].top_k, seed)
+
+    def checkpoint_meta(self) -> dict:
+        """What a task checkpoint keeps: the layout and every record so far."""
+        return {**self.describe(), "records": self.records}
 
     def describe(self) -> dict:
         """The layout the per-seed arrays are indexed by."""
         first = self.layers[0]
         return {"layers": self.names, "num_heads": first.num_heads, "num_experts": first.experts.num_experts, "top_k": first.top_k}
+
+
+def summarize_records(records: list[dict], top_k: int, seed: int) -> dict:
+    """One seed's arrays in metrics.json's ``routing``, derived from its per-task records."""
+    usage = np.array([r["usage"] for r in records])
+    steps = np.array([r.get("step_usage", np.zeros_like(usage[0])) for r in records])
+    return {
+        "seed": seed,
+        "task_usage": usage.tolist(),
+        "step_usage": steps.tolist(),
+        "step_overlap": _json_floats(task_overlap(steps, usage)),
+        "distinct_sets": [r["distinct_sets"] for r in records],
+        "entropy": _json_floats(normalised_entropy(usage, top_k)),
+        "task_overlap": _json_floats(task_overlap(usage)),
+        "test_in_task_experts": [r["test_in_task_experts"] for r in records],
+    }
 
 
 def _json_floats(values: np.ndarray) -> list:

@@ -19,6 +19,7 @@ from smope.data import load_dataset
 from smope.experiment import task_seed
 from smope.loggers import WandbLogger
 from smope.predict import load_trained_run
+from smope.report import load_results
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -154,6 +155,11 @@ def test_report_compares_runs(tiny_run, tmp_path):
     (partial / "metrics.json").unlink()
     (partial / "seed_0" / "task_002.safetensors").unlink()
     run_cli("eval", str(partial))
+    # The partial run's routing comes from its last checkpoint: the full run's first two tasks.
+    routing, full = load_results(partial)["routing"], metrics_of(other)["routing"]
+    assert routing["per_seed"][0]["task_usage"] == full["per_seed"][0]["task_usage"][:2]
+    assert routing["per_seed"][0]["test_in_task_experts"] == full["per_seed"][0]["test_in_task_experts"][:2]
+    assert {k: v for k, v in routing.items() if k != "per_seed"} == {k: v for k, v in full.items() if k != "per_seed"}
 
     run_cli("report", str(tiny_run), str(other), str(partial), "--out", str(tmp_path / "compared"))
     assert imread(tmp_path / "compared" / "accuracy_curves.png").shape[0] > 100
