@@ -87,7 +87,7 @@ def image_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def predict(run: TrainedRun, paths: list[Path], top_k: int = 5) -> list[dict]:
+def predict(run: TrainedRun, paths: list[str | Path], top_k: int = 5) -> list[dict]:
     """Top-k classes and probabilities per image, with the run's test transform."""
     transform = split_transform(run.config, run.learner.model, train=False)
     k = min(top_k, run.seen)
