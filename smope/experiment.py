@@ -90,7 +90,7 @@ class PreparedData:
     train: Dataset
     test: Dataset
     num_classes: int
-    split_file: str | None = None  # the fixed split a dataset reads, if any (recorded in provenance.json)
+    split_file: str | Path | None = None  # the fixed split a dataset reads, if any (recorded in provenance.json)
 
 
 def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:

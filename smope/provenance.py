@@ -90,7 +90,7 @@ def environment() -> dict:
     return {"python": platform.python_version(), "packages": {p: _version(p) for p in PACKAGES}, "smope_git": smope_commit()}
 
 
-def record_seed(out: Path, config: RunConfig, seed: int, scenario: ClassIncrementalScenario, split_file: str | None) -> dict:
+def record_seed(out: Path, config: RunConfig, seed: int, scenario: ClassIncrementalScenario, split_file: str | Path | None) -> dict:
     """Write ``out/provenance.json`` with this process's environment, adding ``seed``'s class order.
 
     Called as each seed starts, so a partial run has it too; class orders of seeds recorded by
