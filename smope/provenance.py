@@ -80,9 +80,18 @@ def backbone_identity(model: ModelConfig) -> dict:
     else:
         import timm
 
-        tag = model.name if weights == "pretrained" else f"{model.name.split('.')[0]}.{weights}"
-        config = timm.models.get_pretrained_cfg(tag)
-        identity.update(source="timm pretrained tag", timm_tag=tag, hf_hub_id=getattr(config, "hf_hub_id", None))
+        arch = model.name.split(".")[0]
+        tag = model.name if weights == "pretrained" else f"{arch}.{weights}"
+        try:
+            config = timm.models.get_pretrained_cfg(tag)
+        except RuntimeError:  # a tag timm does not list: the run itself would have said so
+            config = None
+        resolved = getattr(config, "tag", None)
+        identity.update(
+            source="timm pretrained tag",
+            timm_tag=f"{arch}.{resolved}" if resolved else tag,  # "pretrained" resolved to timm's default tag
+            hf_hub_id=getattr(config, "hf_hub_id", None),
+        )
     return identity
 
 

@@ -19,7 +19,9 @@ from smope.data import load_dataset
 from smope.experiment import task_seed
 from smope.loggers import WandbLogger
 from smope.predict import load_trained_run
+from smope.provenance import backbone_identity
 from smope.report import load_results
+from smope.runconfig import ModelConfig
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -224,3 +226,14 @@ def test_an_unknown_logger_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli("run", TINY, f"output_dir={tmp_path / 'run'}", "train.loggers=[mlflow]")
     assert "unknown logger 'mlflow'" in capsys.readouterr().err
+
+
+def test_backbone_identity_names_timm_tags_and_hashes_files(tmp_path):
+    weights = tmp_path / "backbone.safetensors"
+    weights.write_bytes(b"weights")
+    local = backbone_identity(ModelConfig(name="vit_base_patch16_224", weights=str(weights)))
+    assert local["file"] == {"path": str(weights.resolve()), "sha256": hashlib.sha256(b"weights").hexdigest()}
+    default = backbone_identity(ModelConfig(name="vit_base_patch16_224", weights="pretrained"))
+    assert default["timm_tag"].startswith("vit_base_patch16_224.") and default["hf_hub_id"].endswith(default["timm_tag"])
+    tagged = backbone_identity(ModelConfig(name="vit_base_patch16_224", weights="augreg_in21k"))
+    assert tagged["timm_tag"] == "vit_base_patch16_224.augreg_in21k"
