@@ -1,4 +1,4 @@
-"""The ``smope`` command line: run (or its --dry-run), eval, report, params, flops.
+"""The ``smope`` command line: run (or its --dry-run), eval, report, predict, export, params, flops.
 
 User-fixable problems (:class:`~smope.errors.SmopeError`) print one line and exit 2;
 an interrupted run says how to resume. Finished tasks are always on disk.
@@ -77,10 +77,36 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from .compare import compare_runs
     from .report import write_report
 
-    for path in write_report(Path(args.run_dir)):
+    if len(args.run_dirs) > 1 and args.out is None:
+        raise SmopeError("comparing several runs needs a folder for the result: add --out DIR")
+    if len(args.run_dirs) > 1:
+        paths = compare_runs([Path(d) for d in args.run_dirs], Path(args.out))
+    else:
+        paths = write_report(Path(args.run_dirs[0]), None if args.out is None else Path(args.out))
+    for path in paths:
         print(path)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import json
+
+    from .predict import format_predictions, image_paths, load_trained_run, predict
+
+    if args.top_k < 1:
+        raise SmopeError(f"--top-k must be at least 1, got {args.top_k}")
+    paths = image_paths(args.images)
+    results = predict(load_trained_run(args.run_dir, args.seed), paths, args.top_k)
+    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .predict import export_adapter
+
+    out = export_adapter(args.run_dir, args.out_dir, args.seed)
+    print(f"adapter written to {out}/ (adapter_config.json, adapter_model.safetensors, classes.json)")
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -118,9 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.set_defaults(func=cmd_eval)
 
-    report = sub.add_parser("report", help="plots and a Markdown summary of a run")
-    report.add_argument("run_dir")
+    report = sub.add_parser("report", help="plots and a Markdown summary of a run, or a comparison of several runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", default=None, help="output folder (required for several runs; default for one: RUN_DIR/report)")
     report.set_defaults(func=cmd_report)
+
+    predict = sub.add_parser("predict", help="top-k classes of images with a run's final checkpoint")
+    predict.add_argument("run_dir")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--seed", type=int, default=None, help="which seed's model (default: the run's first)")
+    predict.add_argument("--json", action="store_true", help="print JSON for scripts")
+    predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser("export", help="save a run's final adapter in peft's layout (SMoPEModel.from_pretrained loads it)")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+    export.add_argument("--seed", type=int, default=None, help="which seed's model (default: the run's first)")
+    export.set_defaults(func=cmd_export)
 
     params = sub.add_parser("params", help="parameter counts of a method on a backbone (random weights, nothing downloaded)")
     params.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +34,10 @@ from .checkpoint import Chain, chain_link, load_checkpoint, save_checkpoint, ver
 from .data import ClassIncrementalScenario, build_transform, cache_dataset, input_norm, load_dataset
 from .errors import ConfigAdviceError, SmopeError
 from .learners import Learner, TaskContext, create_learner
+from .loggers import RunLoggers, check_loggers
 from .model import count_parameters
+from .provenance import record_seed
+from .routing import RoutingTracker, routing_metrics
 from .rundir import append_log, check_output_dir, config_change_advice, log_entry, rewrite_log, run_identity
 from .runconfig import RunConfig, load_config
 
@@ -86,6 +90,7 @@ class PreparedData:
     train: Dataset
     test: Dataset
     num_classes: int
+    split_file: str | Path | None = None  # the fixed split a dataset reads, if any (recorded in provenance.json)
 
 
 def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
@@ -94,31 +99,39 @@ def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
         return tuple(load_dataset(data.name, data.root, train, data.download, data.split) for train in (True, False))
 
 
-def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, raw_test: Dataset) -> PreparedData:
-    """Transform both splits for ``model`` (its resolution, mean and std) and cache them when allowed."""
+def split_transform(config: RunConfig, model: torch.nn.Module, train: bool) -> Callable:
+    """The transform of one split for ``model`` (its resolution) and the config's normalisation, resize and augmentation."""
     data = config.data
     mean, std = input_norm(model, data.normalize)
     img_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else config.model.img_size
+    return build_transform(img_size, mean, std, train, data.augment if train else [], data.test_resize, data.interpolation)
+
+
+def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, raw_test: Dataset) -> PreparedData:
+    """Transform both splits for ``model`` and cache them when allowed."""
+    data = config.data
     splits = []
     for raw, train, limit in ((raw_train, True, data.train_per_class), (raw_test, False, data.test_per_class)):
         augment = data.augment if train else []
-        transform = build_transform(img_size, mean, std, train, augment, data.test_resize, data.interpolation)
-        view = TransformedView(raw, _limit_per_class(list(raw.targets), limit), transform)
+        view = TransformedView(raw, _limit_per_class(list(raw.targets), limit), split_transform(config, model, train))
         if data.cache and not augment:
             images, labels = cache_dataset(view, num_workers=data.num_workers).tensors
             view = TensorImages(images, labels, view.classes)
         splits.append(view)
-    return PreparedData(splits[0], splits[1], len(raw_train.classes))
+    return PreparedData(splits[0], splits[1], len(raw_train.classes), getattr(raw_train, "split_file", None))
 
 
 def task_seed(seed: int, task: int) -> int:
     return seed * 1000 + task
 
 
-def evaluate(learner: Learner, scenario: ClassIncrementalScenario, task: int, progress: bool) -> list[float]:
+def evaluate(
+    learner: Learner, scenario: ClassIncrementalScenario, task: int, progress: bool, on_batch: Callable[[int], None] | None = None
+) -> list[float]:
     """Accuracy (percent) on each task 0..task's test set, predicting among all seen classes.
 
     In a data-parallel run each process counts on its shard and the counts are summed.
+    ``on_batch(j)`` runs after each forward on test task j (routing analytics read the layers then).
     """
     seen = scenario.seen_classes(task)
     counts = torch.zeros(task + 1, 2, dtype=torch.int64)  # correct, total
@@ -126,6 +139,8 @@ def evaluate(learner: Learner, scenario: ClassIncrementalScenario, task: int, pr
         for images, labels in learner.loader(scenario.test_dataset(j), learner.config.train.eval_batch_size, shuffle=False):
             predictions = learner.logits(images)[:, : seen.stop].argmax(-1).cpu()
             counts[j] += torch.tensor([int((predictions == labels).sum()), len(labels)])
+            if on_batch is not None:
+                on_batch(j)
     return [100.0 * correct / max(total, 1) for correct, total in distributed.all_reduce_sum(counts).tolist()]
 
 
@@ -135,6 +150,19 @@ def checkpoint_path(seed_dir: Path, task: int) -> Path:
 
 def finished_tasks(seed_dir: Path) -> list[int]:
     return sorted(int(p.stem.split("_")[1]) for p in seed_dir.glob("task_*.safetensors"))
+
+
+def load_learner_state(learner: Learner, seed_dir: Path, task: int) -> tuple[dict, torch.Tensor | None]:
+    """The learner's state after ``task``, every checkpoint 0..task loaded in turn; returns the last one's metadata and RNG state.
+
+    A checkpoint holds the learner's whole trainable state but only the class statistics of
+    its own task's classes (full covariances are large), so the earlier ones supply the rest.
+    """
+    for earlier in range(task + 1):
+        tensors, meta = load_checkpoint(checkpoint_path(seed_dir, earlier))
+        rng = tensors.pop("rng_state", None)
+        learner.load_state_dict(tensors)
+    return meta, rng
 
 
 class SeedRun:
@@ -147,6 +175,7 @@ class SeedRun:
         self.learner: Learner | None = None
         self.scenario: ClassIncrementalScenario | None = None
         self.run_id: str | None = None
+        self.routing: RoutingTracker | None = None
 
     def build(self) -> None:
         """Learner and scenario; the first seed also loads and transforms the data for the backbone."""
@@ -160,20 +189,13 @@ class SeedRun:
             self.data = prepare_data(self.config, self.learner.model, *raw)
         data = self.config.data
         self.scenario = ClassIncrementalScenario(self.data.train, self.data.test, data.num_tasks, self.seed, data.first_task_classes)
+        self.routing = RoutingTracker(self.learner.model)
 
     def test_sizes(self) -> list[int]:
         return [len(self.scenario.test_dataset(t)) for t in range(self.scenario.num_tasks)]
 
     def restore(self, task: int) -> dict:
-        """The learner's state after ``task``: every checkpoint 0..task loaded in turn.
-
-        A checkpoint holds the learner's whole trainable state but only the class statistics of
-        its own task's classes (full covariances are large), so the earlier ones supply the rest.
-        """
-        for earlier in range(task + 1):
-            tensors, meta = load_checkpoint(checkpoint_path(self.seed_dir, earlier))
-            rng = tensors.pop("rng_state", None)
-            self.learner.load_state_dict(tensors)
+        meta, rng = load_learner_state(self.learner, self.seed_dir, task)
         if rng is not None:
             torch.set_rng_state(rng)
         return meta
@@ -192,6 +214,8 @@ class SeedRun:
             "num_tasks": self.scenario.num_tasks,
             "seconds": round(seconds, 2),
         }
+        if self.routing.enabled:
+            meta["routing"] = self.routing.checkpoint_meta()
         state = {**self.learner.state_dict(), "rng_state": torch.get_rng_state()}
         save_checkpoint(checkpoint_path(self.seed_dir, task), state, meta)
         entry = log_entry(meta)
@@ -208,11 +232,24 @@ class SeedRun:
                 tqdm.write(f"seed {self.seed}: {chain.problem}; recomputing from task {chain.length + 1}")
             rewrite_log(self.out, self.seed, chain.metas)
         self.build()
+        if distributed.is_main():
+            record_seed(self.out, self.config, self.seed, self.scenario, self.data.split_file)
+        loggers = RunLoggers(self.config.train.loggers if distributed.is_main() else [], self.config, self.out, self.seed)
+        try:
+            return self.run_tasks(chain, loggers)
+        finally:
+            loggers.close()
+
+    def run_tasks(self, chain: Chain, loggers: RunLoggers) -> dict:
+        if loggers.loggers:
+            self.learner.log_step = loggers.training_step
         progress = self.config.train.progress
         rows: list[list[float]] = []
         if chain.length:
             last = chain.length - 1
-            rows = self.restore(last)["accuracy_matrix"]
+            meta = self.restore(last)
+            rows = meta["accuracy_matrix"]
+            self.routing.restore((meta.get("routing") or {}).get("records"), len(rows))
             if distributed.is_main():
                 tqdm.write(f"seed {self.seed}: resuming after task {last + 1} from {checkpoint_path(self.seed_dir, last)}")
         for task in range(len(rows), self.scenario.num_tasks):
@@ -227,15 +264,20 @@ class SeedRun:
                 seed=task_seed(self.seed, task),
                 all_train_data=self.scenario.all_train_dataset(),
             )
-            self.learner.train_task(ctx)
-            self.learner.after_task(ctx)
-            rows.append(evaluate(self.learner, self.scenario, task, progress))
+            with self.routing.training_steps():
+                self.learner.train_task(ctx)
+            with self.routing.training_pass():
+                self.learner.after_task(ctx)
+            self.routing.begin_evaluation(task)
+            rows.append(evaluate(self.learner, self.scenario, task, progress, self.routing.observe_test))
+            self.routing.end_evaluation()
+            loggers.task_finished(task, rows[-1], self.routing.latest_scalars())
             if distributed.is_main():  # every process holds the same state and rows
                 self.save_task(task, rows, time.time() - started)
         return {"seed": self.seed, **cl_metrics.summarize(rows, self.test_sizes())}
 
 
-def write_metrics(out: Path, config: RunConfig, per_seed: list[dict], learner: Learner) -> dict:
+def write_metrics(out: Path, config: RunConfig, per_seed: list[dict], learner: Learner, routing: dict | None = None) -> dict:
     """metrics.json's content; only the main process of a data-parallel run writes the files."""
     counts = count_parameters(learner.model)
     result = {
@@ -246,11 +288,14 @@ def write_metrics(out: Path, config: RunConfig, per_seed: list[dict], learner: L
         "model_kwargs": config.model.kwargs,
         "num_tasks": len(per_seed[0]["accuracy_matrix"]),
         "seeds": [run["seed"] for run in per_seed],
+        "num_classes": learner.num_classes,
         "trainable_parameters": counts["trainable"],
         "parameters": counts,
         **cl_metrics.aggregate(per_seed),
         "per_seed": per_seed,
     }
+    if routing is not None:
+        result["routing"] = routing
     if not distributed.is_main():
         return result
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
@@ -268,20 +313,22 @@ def run_experiment(config: RunConfig) -> dict:
     """Run (or resume) every seed of ``config`` and write the outputs; returns metrics.json's content."""
     out = Path(config.output_dir)
     distributed.local_batch_size(config.train.batch_size, exact=True)  # an uneven split fails before any work
+    check_loggers(config.train.loggers)
     if distributed.is_main():
         check_output_dir(out, config)
     distributed.barrier()  # the others start once config.yaml is checked and written
     if not distributed.is_main():
         config = replace(config, train=replace(config.train, progress=False))  # one set of progress bars
-    per_seed, data, learner = [], None, None
+    per_seed, data, learner, trackers = [], None, None, []
     try:
         for seed in config.seeds:
             seed_run = SeedRun(config, seed, out, data)
             per_seed.append(seed_run.run())
             data, learner = seed_run.data, seed_run.learner
+            trackers.append((seed, seed_run.routing))
     except ConfigAdviceError as exc:
         raise ConfigAdviceError(f"{exc}. {config_change_advice(out)}") from exc
-    return write_metrics(out, config, per_seed, learner)
+    return write_metrics(out, config, per_seed, learner, routing_metrics(trackers))
 
 
 def evaluate_run(run_dir: Path) -> dict:

@@ -12,6 +12,7 @@ plotting state alone and leaks no open figures.
 from __future__ import annotations
 
 import json
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .checkpoint import load_checkpoint
+from .data import split_classes
 from .errors import SmopeError
 from .experiment import checkpoint_path, finished_tasks
 from .model import PEFT_KEY_PREFIX
+from .provenance import PROVENANCE_FILE, provenance_markdown
+from .routing import summarize_records
 
 REPORT_DIR = "report"
 COUNTS_SUFFIX = ".experts.counts"
@@ -53,19 +57,37 @@ def load_results(run_dir: Path) -> dict:
     if evaluated.is_file() and config_path.is_file():
         config = yaml.safe_load(config_path.read_text())
         result = json.loads(evaluated.read_text())
-        return {
+        seeds = [run["seed"] for run in result["per_seed"]]
+        partial = {
             "method": config["method"]["name"],
             "dataset": config["data"]["name"],
             "model": config["model"]["name"],
             "num_tasks": config["data"]["num_tasks"],
-            "seeds": [run["seed"] for run in result["per_seed"]],
+            "seeds": seeds,
             "trainable_parameters": None,
             **result,
         }
+        routing = routing_from_checkpoints(run_dir, seeds)
+        return partial if routing is None else {**partial, "routing": routing}
     raise SmopeError(
         f"{run_dir} has no metrics.json: finish the run with 'smope run CONFIG output_dir={run_dir}' first, "
         f"or for a partial run evaluate its checkpoints with 'smope eval {run_dir}'"
     )
+
+
+def routing_from_checkpoints(run_dir: Path, seeds: list[int]) -> dict | None:
+    """metrics.json's ``routing`` rebuilt from each seed's last checkpoint, for a partial run."""
+    layout, per_seed = None, []
+    for seed in seeds:
+        tasks = finished_tasks(run_dir / f"seed_{seed}")
+        if not tasks:
+            continue
+        _, meta = load_checkpoint(checkpoint_path(run_dir / f"seed_{seed}", tasks[-1]))
+        saved = meta.get("routing")
+        if saved:
+            layout = {k: v for k, v in saved.items() if k != "records"}
+            per_seed.append(summarize_records(saved["records"], saved["top_k"], seed))
+    return None if layout is None else {**layout, "per_seed": per_seed}
 
 
 def load_expert_usage(run_dir: Path, seed: int) -> tuple[dict[str, np.ndarray], int] | None:
@@ -111,8 +133,8 @@ def _run_label(results: dict) -> str:
     return f"{results['method']} on {results['dataset']}, {over}"
 
 
-def plot_average_accuracy(results: dict, path: Path) -> Path:
-    """Average accuracy over the seen tasks after each task: mean over seeds, with a ±std band."""
+def plot_average_accuracy(results: dict, path: Path, chance: list[float] | None = None) -> Path:
+    """Average accuracy over the seen tasks after each task: mean over seeds, with a ±std band and chance level."""
     curves = np.array([run["average_accuracy"] for run in results["per_seed"]])
     mean, std = curves.mean(0), curves.std(0)  # population std, as in metrics.json
     tasks = np.arange(1, len(mean) + 1)
@@ -123,7 +145,9 @@ def plot_average_accuracy(results: dict, path: Path) -> Path:
     ax.plot(tasks, mean, marker="o", label="mean over seeds" if len(curves) > 1 else None)
     for task, value in zip(tasks, mean):
         ax.annotate(f"{value:.1f}", (task, value), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-    if len(curves) > 1:
+    if chance is not None:
+        ax.plot(np.arange(1, len(chance) + 1), chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    if len(curves) > 1 or chance is not None:
         ax.legend(loc="lower left")
     ax.set(xticks=tasks, ylim=(0, 105), xlabel="tasks learned", ylabel="average accuracy on seen tasks (%)")
     ax.set_title(f"Average accuracy after each task\n{_run_label(results)}")
@@ -189,13 +213,111 @@ def plot_expert_usage(usage: dict[str, np.ndarray], seed: int, task: int, path: 
     return path
 
 
+def plot_routing(routing: dict, path: Path) -> Path:
+    """Per prompted layer: each task's share of selections per expert (top) and the task-overlap matrix (bottom)."""
+    seed = routing["per_seed"][0]
+    usage = np.array(seed["task_usage"], dtype=np.float64).sum(2)  # (tasks, layers, experts), summed over heads
+    overlap = np.array(seed["task_overlap"], dtype=np.float64)  # (layers, tasks, tasks)
+    num_tasks, num_layers, num_experts = usage.shape
+    share = usage / np.maximum(usage.sum(-1, keepdims=True), 1)
+    figure = _figure(max(8.0, 3.2 * num_layers), 2.0 * max(2.5, 0.35 * num_tasks + 1.6))
+    axes = figure.subplots(2, num_layers, squeeze=False)
+    ticks = np.arange(num_tasks)
+    for layer, name in enumerate(routing["layers"]):
+        top, bottom = axes[0, layer], axes[1, layer]
+        used = top.imshow(share[:, layer], cmap="magma", aspect="auto", vmin=0)
+        top.set(title=name, xlabel="expert", ylabel="task" if layer == 0 else None)
+        top.set_yticks(ticks, [str(t + 1) for t in ticks])
+        common = bottom.imshow(np.ma.masked_invalid(overlap[layer]), cmap="viridis", vmin=0, vmax=1)
+        for a in range(num_tasks):
+            for b in range(num_tasks):
+                if num_tasks <= 10 and np.isfinite(overlap[layer, a, b]):
+                    value = overlap[layer, a, b]
+                    bottom.text(b, a, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if value > 0.6 else "white")
+        bottom.set_xticks(ticks, [str(t + 1) for t in ticks])
+        bottom.set_yticks(ticks, [str(t + 1) for t in ticks])
+        bottom.set(xlabel="task", ylabel="task" if layer == 0 else None)
+    figure.colorbar(used, ax=axes[0, :].tolist(), label="share of the task's selections")
+    figure.colorbar(common, ax=axes[1, :].tolist(), label="routing in common")
+    figure.suptitle(
+        f"Routing of each task's training images (seed {seed['seed']}, top-{routing['top_k']} of {num_experts} experts per head)\n"
+        "top: share of selections per expert, summed over heads; bottom: routing two tasks have in common",
+        fontsize=10,
+    )
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def routing_markdown(routing: dict) -> list[str]:
+    """The summary's "Routing" section: per task, averages over layers and heads of the first seed."""
+    seed = routing["per_seed"][0]
+    entropy = np.array(seed["entropy"], dtype=np.float64)  # (tasks, layers, heads), NaN = no usage
+    distinct = np.array(seed["distinct_sets"])
+    overlap = np.array(seed["task_overlap"], dtype=np.float64)
+    steps = np.array(seed["step_overlap"], dtype=np.float64)  # (layers, tasks, tasks): training steps of t vs usage of a
+    tests = seed["test_in_task_experts"]
+    header = [
+        "task",
+        "usage balance",
+        "distinct expert sets (median, max)",
+        "heads with one set",
+        "overlap with earlier tasks",
+        "training steps' overlap with earlier tasks",
+        "test routing on own experts (%): after task, at end",
+    ]
+    lines = [
+        "## Routing",
+        "",
+        f"Seed {seed['seed']}; {len(routing['layers'])} prompted layers x {routing['num_heads']} heads, top-{routing['top_k']} of "
+        f"{routing['num_experts']} experts. Usage balance is the entropy of the task's expert usage, 0 when every image "
+        f"takes the same {routing['top_k']} experts and 1 when all are used alike; a head with one distinct set routes every "
+        "image alike. Overlap is the share of routing a task has in common with earlier tasks (1 = the same experts); "
+        "the training steps' overlap compares the experts the task's training steps attended to (with the adaptive noise) "
+        "with the earlier tasks' usage. "
+        "Test routing is the share of a task's test-image selections that fall on experts its training images used.",
+        "",
+        _table_row(header),
+        _table_row(["---"] * len(header)),
+    ]
+    for task in range(len(distinct)):
+        earlier, earlier_steps = overlap[:, task, :task], steps[:, task, :task]
+        used = np.isfinite(entropy[task]).any()
+        final = tests[-1][task] if task < len(tests[-1]) else None
+        cells = [
+            str(task + 1),
+            f"{np.nanmean(entropy[task]):.2f}" if used else "n/a",
+            f"{np.median(distinct[task]):g}, {distinct[task].max()}",
+            f"{int((distinct[task] == 1).sum())} of {distinct[task].size}",
+            *(f"{np.nanmean(values):.2f}" if task and np.isfinite(values).any() else "-" for values in (earlier, earlier_steps)),
+            " / ".join("n/a" if v is None else f"{v:.1f}" for v in (tests[task][task], final)),
+        ]
+        lines.append(_table_row(cells))
+    return [*lines, "", "![routing](routing.png)", ""]
+
+
 def _tasks_cell(results: dict) -> str:
     done = len(results["accuracy_matrix"])
     return str(done) if done == results["num_tasks"] else f"{done} of {results['num_tasks']}"
 
 
-def summary_markdown(results: dict, plots: list[Path]) -> str:
-    """The summary table, the average-accuracy row and the plots, as Markdown."""
+def load_provenance(run_dir: Path) -> dict | None:
+    """``provenance.json`` of a run (runs written before it existed have none)."""
+    path = run_dir / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def chance_curve(run_dir: Path, results: dict) -> list[float] | None:
+    """Average accuracy of uniform guessing after each task (percent): 100 / classes seen so far."""
+    provenance = load_provenance(run_dir) or {}
+    sizes = provenance.get("dataset", {}).get("task_sizes")
+    if sizes is None and results.get("num_classes") and (run_dir / "config.yaml").is_file():
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+        sizes = split_classes(results["num_classes"], data["num_tasks"], data.get("first_task_classes"))
+    return None if sizes is None else [100.0 / seen for seen in accumulate(sizes)]
+
+
+def summary_markdown(results: dict, plots: list[Path], provenance: dict | None = None) -> str:
+    """Provenance, the summary table, the average-accuracy row and the plots, as Markdown."""
     params = results["trainable_parameters"]
     cells = [
         results["method"],
@@ -213,6 +335,7 @@ def summary_markdown(results: dict, plots: list[Path]) -> str:
         "",
         f"Backbone {results['model']}; seeds {', '.join(map(str, results['seeds']))}; every metric is mean ± std over the seeds.",
         "",
+        *(provenance_markdown(provenance) if provenance else []),
         _table_row(header),
         _table_row(["---"] * len(header)),
         _table_row(cells),
@@ -235,14 +358,14 @@ def _table_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def write_report(run_dir: Path) -> list[Path]:
-    """Write the plots and ``summary.md`` into ``run_dir/report/``; returns their paths, summary last."""
+def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
+    """Write the plots and ``summary.md`` into ``out`` (default ``run_dir/report/``); returns their paths, summary last."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
-    out = run_dir / REPORT_DIR
-    out.mkdir(exist_ok=True)
+    out = run_dir / REPORT_DIR if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     plots = [
-        plot_average_accuracy(results, out / "average_accuracy.png"),
+        plot_average_accuracy(results, out / "average_accuracy.png", chance_curve(run_dir, results)),
         plot_accuracy_matrix(results, out / "accuracy_matrix.png"),
     ]
     seed = results["seeds"][0]
@@ -250,6 +373,11 @@ def write_report(run_dir: Path) -> list[Path]:
     if usage is not None:
         counts, task = usage
         plots.append(plot_expert_usage(counts, seed, task, out / "expert_usage.png"))
+    routing = results.get("routing")
+    text = summary_markdown(results, plots, load_provenance(run_dir))
+    if routing is not None:
+        plots.append(plot_routing(routing, out / "routing.png"))
+        text += "\n" + "\n".join(routing_markdown(routing))
     summary = out / "summary.md"
-    summary.write_text(summary_markdown(results, plots))
+    summary.write_text(text)
     return [*plots, summary]

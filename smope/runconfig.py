@@ -154,6 +154,8 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     progress: bool = True
+    # Experiment trackers: tensorboard, wandb (offline unless WANDB_MODE is set); each needs its extra.
+    loggers: list[str] = field(default_factory=list)
 
 
 @dataclass

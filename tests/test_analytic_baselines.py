@@ -42,10 +42,10 @@ def test_new_method_runs_and_resumes_after_an_interruption_to_the_same_metrics(v
 
     real_evaluate = experiment.evaluate
 
-    def interrupt_at_third_task(learner, scenario, task, progress):
+    def interrupt_at_third_task(learner, scenario, task, progress, *hooks):
         if task == 2:
             raise KeyboardInterrupt
-        return real_evaluate(learner, scenario, task, progress)
+        return real_evaluate(learner, scenario, task, progress, *hooks)
 
     monkeypatch.setattr(experiment, "evaluate", interrupt_at_third_task)
     with pytest.raises(SystemExit) as stopped:

@@ -53,6 +53,8 @@ def test_learner_learns_and_its_checkpoints_reproduce_it(method, tmp_path):
     assert metrics["method"] == method
     assert sorted(p.name for p in (out / "seed_0").iterdir()) == [f"task_{t:03d}.safetensors" for t in range(3)]
     assert metrics["final_average_accuracy"] > 15.0  # chance is 10% over the 10 digits
+    if method in ("smope", "dense-prompt", "joint", "l2p", "dualprompt", "coda-prompt", "prototype", "head-only", "lora"):
+        assert ("routing" in metrics) == (method in ("smope", "dense-prompt", "joint"))  # only prompt experts route
     # Each task's checkpoint alone, loaded into a fresh learner, gives back the same accuracies.
     cli.main(["eval", str(out)])
     assert json.loads((out / "eval.json").read_text())["accuracy_matrix"] == metrics["accuracy_matrix"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,7 +94,7 @@ def two_process_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess
 @pytest.mark.distributed
 def test_two_processes_write_one_set_of_outputs_matching_one_process(two_process_run, tmp_path):
     out, result = two_process_run
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl", "metrics.csv", "metrics.json", "seed_0"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl", "metrics.csv", "metrics.json", "provenance.json", "seed_0"]
     assert sorted(p.name for p in (out / "seed_0").iterdir()) == [f"task_{t:03d}.safetensors" for t in range(3)]
     assert len((out / "log.jsonl").read_text().splitlines()) == 3  # not once per process
     assert result.stdout.count("final average accuracy") == 1
@@ -108,6 +109,12 @@ def test_two_processes_write_one_set_of_outputs_matching_one_process(two_process
     for row_got, row_expected in zip(got, expected):
         assert row_got == pytest.approx(row_expected, abs=3.0)
     assert metrics(out)["accuracy_matrix"][0][0] > 35.0  # learns: chance on the first task's 4 classes is 25%
+    # Routing records combine the shards: every training image is counted once, its expert sets merged.
+    routing_got, routing_expected = (metrics(run)["routing"]["per_seed"][0] for run in (out, tmp_path / "single"))
+    assert np.array(routing_got["task_usage"]).sum((2, 3)).tolist() == np.array(routing_expected["task_usage"]).sum((2, 3)).tolist()
+    # Training steps: equal shards may repeat a sample per epoch (ShardSampler), so about equal.
+    assert np.array(routing_got["step_usage"]).sum() == pytest.approx(np.array(routing_expected["step_usage"]).sum(), rel=0.01)
+    assert [len(row) for row in routing_got["test_in_task_experts"]] == [1, 2, 3]
 
 
 @pytest.mark.distributed

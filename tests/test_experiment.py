@@ -4,10 +4,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from smope import cli
+from smope.data import load_dataset
 from smope.experiment import SeedRun
 from smope.learners.smope_learner import SMoPELearner
 
@@ -41,6 +43,13 @@ def test_run_writes_every_output_and_learns(finished_run, capsys):
         assert key in metrics and key in metrics["per_seed"][0]
     assert metrics["final_average_accuracy"] > 15.0  # chance is 10% over the 10 digits
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
+    routing = metrics["routing"]
+    assert routing["layers"] == ["blocks.0.attn", "blocks.1.attn"] and (routing["num_heads"], routing["num_experts"], routing["top_k"]) == (4, 6, 2)
+    seed = routing["per_seed"][0]
+    assert np.array(seed["task_usage"]).shape == (3, 2, 4, 6) and np.array(seed["distinct_sets"]).shape == (3, 2, 4)
+    assert np.array(seed["task_overlap"]).shape == (2, 3, 3) and [len(row) for row in seed["test_in_task_experts"]] == [1, 2, 3]
+    images = sum(np.array(u)[0, 0].sum() // 2 for u in seed["task_usage"])  # top-2: two selections per image
+    assert images == len(load_dataset("digits", None, train=True))  # every training image, once
     assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 3 + 3
 
 
@@ -66,6 +75,7 @@ def test_interrupted_run_resumes_to_the_same_metrics(finished_run, tmp_path, mon
     run_cli("run", TINY, f"output_dir={out}")
     assert restored == [1]
     assert read_metrics(out)["per_seed"] == read_metrics(finished_run)["per_seed"]
+    assert read_metrics(out)["routing"] == read_metrics(finished_run)["routing"]
 
 
 def copy_of(run: Path, tmp_path: Path) -> Path:

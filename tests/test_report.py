@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from matplotlib.image import imread
 
@@ -16,7 +17,7 @@ from smope.report import format_mean_std, write_report
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
 COLLECT = ROOT / "experiments" / "collect.py"
-FILES = ["average_accuracy.png", "accuracy_matrix.png", "expert_usage.png", "summary.md"]
+FILES = ["average_accuracy.png", "accuracy_matrix.png", "expert_usage.png", "routing.png", "summary.md"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,17 @@ def test_usage_plot_is_skipped_without_usage_counts(finished_run, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text((finished_run / "metrics.json").read_text())
-    assert [p.name for p in write_report(run)] == ["average_accuracy.png", "accuracy_matrix.png", "summary.md"]
+    assert [p.name for p in write_report(run)] == ["average_accuracy.png", "accuracy_matrix.png", "routing.png", "summary.md"]
+
+
+def test_summary_has_a_routing_row_per_task(finished_run, report):
+    routing = json.loads((finished_run / "metrics.json").read_text())["routing"]["per_seed"][0]
+    summary = report[-1].read_text()
+    assert "## Routing" in summary and "](routing.png)" in summary
+    rows = [line for line in summary.split("## Routing")[1].splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == len(routing["distinct_sets"]) == 3
+    heads_with_one_set = sum(np.array(routing["distinct_sets"][0]).ravel() == 1)
+    assert f"| {heads_with_one_set} of 8 |" in rows[0]
 
 
 def test_run_without_metrics_names_the_fix(tmp_path):

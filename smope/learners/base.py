@@ -73,6 +73,8 @@ class Learner:
 
     name = "base"
     optional_state: frozenset[str] = frozenset()  # checkpoint entries older versions did not write
+    # Called after every optimiser step of fit() with (description, loss, learning rates): the run's loggers.
+    log_step: Callable[[str, float, list[float]], None] | None = None
 
     def __init__(self, config: RunConfig, num_classes: int) -> None:
         self.config = config
@@ -209,6 +211,8 @@ class Learner:
                 schedule.step()
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+                if self.log_step is not None:
+                    self.log_step(description, loss.item(), schedule.get_last_lr())
         bar.close()
 
     def optimizer(self, param_groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:

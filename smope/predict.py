@@ -1,0 +1,131 @@
+"""Using a trained run: ``smope predict RUN_DIR IMAGE_OR_FOLDER...`` and ``smope export RUN_DIR OUT_DIR``.
+
+A run's last task checkpoint holds everything trained; the frozen backbone comes back from
+the run's own config, and the test transform from the backbone (resolution, mean, std), so
+predictions here are the predictions the run's evaluation made. Class names and the class
+order come from ``provenance.json`` (or, for runs written before it, from the dataset).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from itertools import accumulate
+from pathlib import Path
+
+import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
+
+from .data import class_order, split_classes
+from .errors import SmopeError
+from .experiment import finished_tasks, load_learner_state, load_splits, split_transform, task_seed
+from .learners import Learner, create_learner
+from .model import SMoPEModel
+from .provenance import PROVENANCE_FILE
+from .runconfig import RunConfig, load_config
+
+
+@dataclass
+class TrainedRun:
+    """A run's learner restored from its last checkpoint of one seed, with what predicting needs."""
+
+    config: RunConfig
+    seed: int
+    task: int  # the checkpoint's task (0-based)
+    learner: Learner
+    class_names: list[str]  # by label, i.e. in the seed's class order
+    seen: int  # classes learned by ``task``: predictions are among labels 0..seen-1
+
+
+def _classes(run_dir: Path, config: RunConfig, seed: int) -> tuple[list[str], list[int]]:
+    """Class names in the seed's label order and the task sizes."""
+    path = run_dir / PROVENANCE_FILE
+    if path.is_file():
+        provenance = json.loads(path.read_text())
+        order = provenance["class_order"].get(str(seed))
+        if order is not None:
+            return order["names"], provenance["dataset"]["task_sizes"]
+    names = list(load_splits(config)[0].classes)  # a run from before provenance.json: ask the dataset
+    return [names[i] for i in class_order(len(names), seed)], split_classes(len(names), config.data.num_tasks, config.data.first_task_classes)
+
+
+def load_trained_run(run_dir: str | Path, seed: int | None = None) -> TrainedRun:
+    """The learner of ``seed`` (default: the run's first seed with a checkpoint) after its last finished task."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise SmopeError(f"{run_dir} is not a run directory: it has no config.yaml (run 'smope run CONFIG' first)")
+    config = load_config(run_dir / "config.yaml")
+    config = replace(config, train=replace(config.train, progress=False))
+    if seed is not None and seed not in config.seeds:
+        raise SmopeError(f"seed {seed} is not one of the run's seeds {config.seeds}: pick one of those with --seed")
+    candidates = [seed] if seed is not None else config.seeds
+    done = [(s, finished_tasks(run_dir / f"seed_{s}")) for s in candidates]
+    done = [(s, tasks) for s, tasks in done if tasks]
+    if not done:
+        raise SmopeError(f"{run_dir} has no task checkpoint for seed {candidates[0] if seed is not None else config.seeds}: nothing trained yet")
+    seed, tasks = done[0]
+    names, sizes = _classes(run_dir, config, seed)
+    torch.manual_seed(task_seed(seed, 0))  # as the run did: a random-weight backbone (model.weights=none) comes back the same
+    learner = create_learner(config, len(names))
+    load_learner_state(learner, run_dir / f"seed_{seed}", tasks[-1])
+    return TrainedRun(config, seed, tasks[-1], learner, names, list(accumulate(sizes))[tasks[-1]])
+
+
+def image_paths(inputs: list[str]) -> list[Path]:
+    """Image files named directly, and every image under named folders (recursively, sorted)."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            if not found:
+                raise SmopeError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {item}")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise SmopeError(f"{item} does not exist: give image files or folders of images")
+    return paths
+
+
+def predict(run: TrainedRun, paths: list[str | Path], top_k: int = 5) -> list[dict]:
+    """Top-k classes and probabilities per image, with the run's test transform."""
+    transform = split_transform(run.config, run.learner.model, train=False)
+    k = min(top_k, run.seen)
+    results = []
+    batch_size = run.config.train.eval_batch_size
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start : start + batch_size]
+        try:
+            images = torch.stack([transform(pil_loader(str(p))) for p in batch])
+        except OSError as exc:
+            raise SmopeError(f"cannot read an image among {batch[0]} ... {batch[-1]} ({exc}); remove or fix it") from exc
+        probabilities = run.learner.logits(images)[:, : run.seen].softmax(-1).cpu()
+        best = probabilities.topk(k, dim=-1)
+        for path, values, labels in zip(batch, best.values.tolist(), best.indices.tolist()):
+            results.append({
+                "image": str(path),
+                "predictions": [{"label": i, "class": run.class_names[i], "probability": p} for i, p in zip(labels, values)],
+            })
+    return results
+
+
+def format_predictions(results: list[dict]) -> str:
+    lines = []
+    for result in results:
+        lines.append(result["image"])
+        width = max(len(p["class"]) for p in result["predictions"])
+        lines += [f"  {rank}. {p['class']:<{width}}  {100 * p['probability']:6.2f}%" for rank, p in enumerate(result["predictions"], 1)]
+    return "\n".join(lines)
+
+
+def export_adapter(run_dir: str | Path, out: str | Path, seed: int | None = None) -> Path:
+    """Save the run's final adapter in peft's layout, loadable by :meth:`smope.SMoPEModel.from_pretrained`."""
+    run = load_trained_run(run_dir, seed)
+    if not isinstance(run.learner.model, SMoPEModel):
+        raise SmopeError(
+            f"method.name={run.config.method.name} has no prompt-expert adapter; export works for smope, dense-prompt and joint runs"
+        )
+    out = Path(out)
+    run.learner.model.save_pretrained(out)
+    (out / "classes.json").write_text(json.dumps(run.class_names, indent=1))
+    return out
