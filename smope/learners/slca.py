@@ -68,5 +68,6 @@ class SLCALearner(Learner):
         return {**super().state_dict(), **self.stats.state_dict()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.check_state(state)
         self.stats.load_state_dict(state)
-        super().load_state_dict({k: v for k, v in state.items() if not k.startswith("class_stats.")})
+        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("class_stats.")}, strict=False)
