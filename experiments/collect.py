@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 # SMoPE's final average accuracy (%) in the paper, ViT-B/16; it reports 10-task splits only
-# (SPEC section 8). Its 0.38M trainable parameters are for a 200-class head.
+# (docs/method.md#paper-numbers). Its 0.38M trainable parameters are for a 200-class head.
 PAPER_FAA = {("imagenet-r", 10): 79.32, ("cifar100", 10): 89.23, ("cub200", 10): 87.43}
 PAPER_PARAMS = "0.38M"
 

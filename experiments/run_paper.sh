@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every paper setting (SPEC sections 5, 6 and 8) over the 5 seeds of its config, then a
+# Every paper setting (docs/method.md#paper-settings) over the 5 seeds of its config, then a
 # report per run and one comparison table against the paper's numbers.
 #
 # Extra arguments are passed to every run as overrides, e.g.

@@ -21,7 +21,7 @@ INIT_CHOICES = ("uniform", "normal", "zeros")
 
 @dataclass
 class SMoPEConfig(PeftConfig):
-    """Hyper-parameters of a sparse mixture of prompt experts (SPEC sections 2 to 5).
+    """Hyper-parameters of a sparse mixture of prompt experts (docs/method.md).
 
     Args:
         num_experts: prompt experts per head and prompted block (N_p).

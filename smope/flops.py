@@ -6,14 +6,14 @@ minus the count for one, so work done once per batch is not charged to an image.
 
 - training: ``model(images)`` in train mode, i.e. one training step's forward. Two-pass
   methods include the prompt-free query pass when they need it in training (L2P++, CODA-Prompt);
-  DualPrompt picks its training prompt by task id, so it runs one pass (SPEC section 8). Learners
+  DualPrompt picks its training prompt by task id, so it runs one pass (docs/method.md#paper-numbers). Learners
   that train on frozen features (prototype, head-only) count the one backbone pass per image;
   DualPrompt's key fit adds one query pass per image per task, not per step, and is left out.
 - inference: ``learner.logits(images)``, query pass included.
 
 Convention: FLOPs = 2 x multiply-accumulates, as ``FlopCounterMode`` counts. Two totals are
 reported: all matrix products, and the same without the attention-score products (QK^T and
-AV inside ``scaled_dot_product_attention``). The second is what SPEC section 8's anchors count:
+AV inside ``scaled_dot_product_attention``). The second is what the paper's numbers count (docs/method.md#paper-numbers):
 SMoPE on ViT-B/16 at 224 px gives 33.70 GFLOPs against the paper's 33.72, as a counter that sees
 the linear and convolution layers but not the fused attention kernel would; the full count is
 35.14. The paper's numbers are thus 2 x MACs, not fvcore-style MACs (ViT-B/16 has 17.6 G MACs).
@@ -47,7 +47,7 @@ class FlopCount:
 
     @property
     def without_attention(self) -> int:
-        """The paper's convention (SPEC section 8): linear and convolution layers only, in effect."""
+        """The paper's convention (docs/method.md#paper-numbers): linear and convolution layers only, in effect."""
         return self.total - self.attention
 
 
@@ -103,5 +103,5 @@ def flops_table(config: RunConfig, num_classes: int) -> str:
     for phase, count in (("training", flops.training), ("inference", flops.inference)):
         lines.append(f"  {phase:<10} {count.total / 1e9:>12.2f} {count.without_attention / 1e9:>21.2f}")
     lines.append("  FLOPs = 2 x multiply-adds (torch FlopCounterMode); 'w/o attention scores' omits the QK^T and AV")
-    lines.append("  products and is the convention of SPEC section 8 (SMoPE on ViT-B/16 at 224 px: 33.72)")
+    lines.append("  products and is the convention of docs/method.md#paper-numbers (SMoPE on ViT-B/16 at 224 px: 33.72)")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Prompt experts and the prompted attention layer (SPEC sections 2 to 5).
+"""Prompt experts and the prompted attention layer (docs/method.md).
 
 A prompted layer reuses the frozen q/k/v projections of the wrapped attention, scores every
 prompt expert once per input from the token-averaged query, keeps the top-K per head and
@@ -53,7 +53,7 @@ class PromptExperts(nn.Module):
         return self.keys.shape[1]
 
     def penalty_coefficients(self, training: bool, noise_eps: float, eval_noise: float) -> torch.Tensor:
-        """Adaptive-noise coefficient c[h, e] (SPEC section 4).
+        """Adaptive-noise coefficient c[h, e] (docs/method.md#adaptive-noise).
 
         Training pushes away from experts old tasks used often; evaluation pushes away from
         experts no task ever used (before any counts exist this shifts all experts alike).
@@ -78,7 +78,7 @@ class PromptExperts(nn.Module):
         self.old_values.copy_(self.values)
 
     def prototype_loss(self, top_k: int) -> torch.Tensor:
-        """Keep current keys ranked as the old keys were, for the flagged experts (SPEC section 5)."""
+        """Keep current keys ranked as the old keys were, for the flagged experts (docs/method.md#losses)."""
         old = self.old_keys
         with torch.no_grad():
             targets = (old @ old.transpose(-1, -2)).topk(top_k, dim=-1).indices  # (H, E, K)
@@ -177,7 +177,7 @@ class PromptedAttention(nn.Module):
         return F.scaled_dot_product_attention(q, keys, values_all, attn_mask=bias, dropout_p=dropout)
 
     def router_loss(self, scores: torch.Tensor, selected: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy towards each selected expert, with a margin on the others (SPEC section 5)."""
+        """Cross-entropy towards each selected expert, with a margin on the others (docs/method.md#losses)."""
         inactive = torch.ones_like(scores).scatter(-1, selected, 0.0)
         log_probs = (scores + self.noise_eps * spread * inactive).log_softmax(-1)
         return -log_probs.gather(-1, selected).mean(0).sum()

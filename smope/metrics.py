@@ -1,4 +1,4 @@
-"""Continual-learning metrics from the accuracy matrix (SPEC section 7).
+"""Continual-learning metrics from the accuracy matrix (docs/method.md#metrics).
 
 ``matrix[t][j]`` is the accuracy (percent) on task j's test set after training task t, for
 j <= t; rows are ragged lists, exactly as written to ``metrics.json``.

@@ -218,7 +218,7 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
 
 
 def accumulate_usage(model: nn.Module) -> None:
-    """Add the last forward's top-K experts to the usage counts (the usage pass, SPEC section 4)."""
+    """Add the last forward's top-K experts to the usage counts (the usage pass, docs/method.md#adaptive-noise)."""
     for layer in _require_layers(model):
         layer.record_usage()
 

@@ -192,7 +192,7 @@ def _compact(count: float) -> str:
 def plot_expert_usage(usage: dict[str, np.ndarray], seed: int, task: int, path: Path) -> Path:
     """Heatmap of how often each expert of each prompted layer was in the top-K, summed over heads.
 
-    Experts at 0 were never chosen in training; evaluation penalises them (SPEC section 4).
+    Experts at 0 were never chosen in training; evaluation penalises them (docs/method.md#adaptive-noise).
     """
     counts = np.stack(list(usage.values()))
     num_layers, num_experts = counts.shape

@@ -107,7 +107,7 @@ def test_smope_needs_half_the_inference_flops_of_coda_prompt_on_vit_base():
     smope = method_flops(method_config("vit_base_patch16_224", "smope"), 100).inference
     coda = method_flops(method_config("vit_base_patch16_224", "coda-prompt"), 100).inference
     assert 0.48 < smope.total / coda.total < 0.52
-    assert smope.without_attention / 1e9 == pytest.approx(33.72, abs=0.05)  # SPEC section 8's anchor
+    assert smope.without_attention / 1e9 == pytest.approx(33.72, abs=0.05)  # docs/method.md#paper-numbers anchor
     assert coda.without_attention / 1e9 == pytest.approx(67.44, abs=0.1)
 
 

@@ -1,4 +1,4 @@
-"""The prompted attention against a plain reference written from SPEC section 3."""
+"""The prompted attention against a plain reference written from docs/method.md#forward-pass."""
 
 import math
 
@@ -13,7 +13,7 @@ from smope.layer import PromptedAttention
 
 
 def reference_context(q, k, v, keys, values, top_k, coef=None, dense=False):
-    """Per-sample, per-head, per-expert loops, straight from SPEC section 3 (float64)."""
+    """Per-sample, per-head, per-expert loops, straight from docs/method.md#forward-pass (float64)."""
     q, k, v, keys, values = (t.double() for t in (q, k, v, keys, values))
     batch, heads, tokens, dim = q.shape
     num_experts = keys.shape[1]

@@ -1,4 +1,4 @@
-"""The metric formulas of SPEC section 7 on hand-made accuracy matrices."""
+"""The metric formulas of docs/method.md#metrics on hand-made accuracy matrices."""
 
 import math
 

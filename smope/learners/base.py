@@ -42,7 +42,7 @@ def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def masked_logits(logits: torch.Tensor, classes: range) -> torch.Tensor:
-    """Logits of the classes seen so far, with earlier tasks' classes masked out (SPEC section 6)."""
+    """Logits of the classes seen so far, with earlier tasks' classes masked out (docs/method.md#protocol)."""
     logits = logits[:, : classes.stop]
     if classes.start == 0:
         return logits

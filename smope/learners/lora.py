@@ -1,4 +1,4 @@
-"""Sequential LoRA fine-tuning of the attention qkv projections, with peft (SPEC section 9 style baseline)."""
+"""Sequential LoRA fine-tuning of the attention qkv projections, with peft: a baseline in the style of docs/method.md#baselines."""
 
 from __future__ import annotations
 

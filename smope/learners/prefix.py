@@ -3,7 +3,7 @@
 L2P, DualPrompt and CODA-Prompt choose their prompts per input from a *query*: the class token
 of a first, prompt-free pass of the frozen backbone. A second pass then runs with the chosen
 prompts prepended to the keys and values of some attention layers (prefix tuning). That first
-pass is the compute SMoPE saves (SPEC sections 1 and 8).
+pass is the compute SMoPE saves (docs/method.md#overview and #paper-numbers).
 
 A prompt of length L lives directly in a layer's key/value space, after the frozen projections
 (as in CODA-Prompt's release): its first L/2 rows are prefix keys, the last L/2 prefix values.

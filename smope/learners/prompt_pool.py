@@ -1,4 +1,4 @@
-"""Prompt-pool baselines: L2P++, DualPrompt and CODA-Prompt (SPEC section 9).
+"""Prompt-pool baselines: L2P++, DualPrompt and CODA-Prompt (docs/method.md#baselines).
 
 All three pick prompts per input from the query of a prompt-free pass and then run a prompted
 pass with prefix tuning (:mod:`smope.learners.prefix`). Their published defaults are the ones
@@ -59,7 +59,7 @@ class L2PPool(PromptPool):
 class DualPromptPool(PromptPool):
     """DualPrompt: a task-shared G-prompt plus one task-specific E-prompt per task.
 
-    Training uses the task id to pick the E-prompt, so it needs no query pass (SPEC section 8:
+    Training uses the task id to pick the E-prompt, so it needs no query pass (docs/method.md#paper-numbers:
     one pass in training, two at test time). At test time the E-prompt is the one whose key is
     closest (cosine) to the query, among the tasks trained so far. The matching loss
     sum_i (1 - cos(q_i, k_t)) over task t's queries is minimised in closed form by the mean of the

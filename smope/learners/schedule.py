@@ -1,6 +1,6 @@
 """Learning-rate schedules, as multipliers of each parameter group's base rate per iteration.
 
-Two rules cover the paper's runs (docs/method.md#training-protocol):
+Two rules cover the paper's runs (docs/method.md#optimiser-and-schedule):
 
 - ``cosine``: hold the first ``hold`` iterations at ``floor``, then a cosine from the base rate
   down to ``floor`` over the remaining ``total - hold`` iterations, and ``floor`` after that.

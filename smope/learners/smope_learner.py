@@ -1,4 +1,4 @@
-"""The SMoPE learner: one shared sparse prompt for all tasks (SPEC section 6)."""
+"""The SMoPE learner: one shared sparse prompt for all tasks (docs/method.md#protocol)."""
 
 from __future__ import annotations
 
