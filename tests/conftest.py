@@ -1,4 +1,6 @@
-"""Tiny random-weight backbones shared by the tests."""
+"""Tiny random-weight backbones and an interruption helper shared by the tests."""
+
+import contextlib
 
 import pytest
 import timm
@@ -16,3 +18,20 @@ def tiny_timm_vit(num_classes: int = 10, **kwargs) -> torch.nn.Module:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@contextlib.contextmanager
+def interrupted_at(monkeypatch, learner_class: type, task: int):
+    """Within the block, ``learner_class.train_task`` raises KeyboardInterrupt (Ctrl-C) at ``task``."""
+    real_train = learner_class.train_task
+
+    def stop(self, ctx):
+        if ctx.task == task:
+            raise KeyboardInterrupt
+        return real_train(self, ctx)
+
+    monkeypatch.setattr(learner_class, "train_task", stop)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(learner_class, "train_task", real_train)

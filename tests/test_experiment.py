@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import interrupted_at
 
 from smope import cli
 from smope.data import load_dataset
@@ -56,19 +57,10 @@ def test_run_writes_every_output_and_learns(finished_run, capsys):
 def test_interrupted_run_resumes_to_the_same_metrics(finished_run, tmp_path, monkeypatch):
     out = tmp_path / "run"
     original = SeedRun.restore
-    real_train = SMoPELearner.train_task
-
-    def interrupt_at_third_task(self, ctx):
-        if ctx.task == 2:
-            raise KeyboardInterrupt
-        return real_train(self, ctx)
-
-    monkeypatch.setattr(SMoPELearner, "train_task", interrupt_at_third_task)
-    with pytest.raises(SystemExit) as stopped:
+    with interrupted_at(monkeypatch, SMoPELearner, 2), pytest.raises(SystemExit) as stopped:
         run_cli("run", TINY, f"output_dir={out}")
     assert stopped.value.code == 130
     assert sorted(p.name for p in (out / "seed_0").iterdir()) == ["task_000.safetensors", "task_001.safetensors"]
-    monkeypatch.setattr(SMoPELearner, "train_task", real_train)
 
     restored = []
     monkeypatch.setattr(SeedRun, "restore", lambda self, task: restored.append(task) or original(self, task))

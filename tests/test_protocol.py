@@ -12,6 +12,7 @@ from torch import nn
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 
+from conftest import interrupted_at
 from safetensors.torch import load_file
 
 from smope.cli import main
@@ -142,17 +143,8 @@ def test_full_covariance_run_resumes_with_identical_metrics(tmp_path, monkeypatc
     """Interrupted at task 3, the resumed run reads the class statistics of tasks 1 and 2 from their checkpoints."""
     args = [TINY, "method.align_covariance=full"]
     main(["run", *args, f"output_dir={tmp_path / 'whole'}"])
-    real_train = SMoPELearner.train_task
-
-    def interrupt_at_third_task(self, ctx):
-        if ctx.task == 2:
-            raise KeyboardInterrupt
-        return real_train(self, ctx)
-
-    monkeypatch.setattr(SMoPELearner, "train_task", interrupt_at_third_task)
-    with pytest.raises(SystemExit):
+    with interrupted_at(monkeypatch, SMoPELearner, 2), pytest.raises(SystemExit):
         main(["run", *args, f"output_dir={tmp_path / 'cut'}"])
-    monkeypatch.setattr(SMoPELearner, "train_task", real_train)
     main(["run", *args, f"output_dir={tmp_path / 'cut'}"])
     whole, cut = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("whole", "cut"))
     assert whole["per_seed"] == cut["per_seed"]

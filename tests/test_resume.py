@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import interrupted_at
 from test_baselines import SHARED, TINY_SCALE, tiny_config
 
 from smope import SmopeError, cli
@@ -26,19 +27,9 @@ def per_seed(out: Path) -> list:
 @pytest.mark.parametrize("method", RESUMED)
 def test_interrupted_run_resumes_to_the_same_metrics(method, tmp_path, monkeypatch):
     run(tmp_path / "whole", method)
-    learner_class = LEARNERS[method]
-    real_train = learner_class.train_task
-
-    def interrupt_at_third_task(self, ctx):
-        if ctx.task == 2:
-            raise KeyboardInterrupt
-        return real_train(self, ctx)
-
-    monkeypatch.setattr(learner_class, "train_task", interrupt_at_third_task)
-    with pytest.raises(SystemExit):
+    with interrupted_at(monkeypatch, LEARNERS[method], 2), pytest.raises(SystemExit):
         run(tmp_path / "resumed", method)
     assert sorted(p.name for p in (tmp_path / "resumed" / "seed_0").iterdir()) == ["task_000.safetensors", "task_001.safetensors"]
-    monkeypatch.setattr(learner_class, "train_task", real_train)
     run(tmp_path / "resumed", method)
     assert per_seed(tmp_path / "resumed") == per_seed(tmp_path / "whole")
 
