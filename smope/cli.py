@@ -77,14 +77,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .compare import compare_runs
-    from .report import write_report
-
     if len(args.run_dirs) > 1 and args.out is None:
         raise SmopeError("comparing several runs needs a folder for the result: add --out DIR")
     if len(args.run_dirs) > 1:
+        from .compare import compare_runs  # builds each method's model for its FLOPs: imports the learners
+
         paths = compare_runs([Path(d) for d in args.run_dirs], Path(args.out))
     else:
+        from .report import write_report
+
         paths = write_report(Path(args.run_dirs[0]), None if args.out is None else Path(args.out))
     for path in paths:
         print(path)

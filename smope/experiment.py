@@ -38,7 +38,7 @@ from .loggers import RunLoggers, check_loggers
 from .model import count_parameters
 from .provenance import record_seed
 from .routing import RoutingTracker, routing_metrics
-from .rundir import append_log, check_output_dir, config_change_advice, log_entry, rewrite_log, run_identity
+from .rundir import append_log, check_output_dir, checkpoint_path, config_change_advice, finished_tasks, log_entry, rewrite_log, run_identity
 from .runconfig import RunConfig, load_config
 
 
@@ -142,14 +142,6 @@ def evaluate(
             if on_batch is not None:
                 on_batch(j)
     return [100.0 * correct / max(total, 1) for correct, total in distributed.all_reduce_sum(counts).tolist()]
-
-
-def checkpoint_path(seed_dir: Path, task: int) -> Path:
-    return seed_dir / f"task_{task:03d}.safetensors"
-
-
-def finished_tasks(seed_dir: Path) -> list[int]:
-    return sorted(int(p.stem.split("_")[1]) for p in seed_dir.glob("task_*.safetensors"))
 
 
 def load_learner_state(learner: Learner, seed_dir: Path, task: int) -> tuple[dict, torch.Tensor | None]:

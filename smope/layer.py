@@ -10,12 +10,15 @@ keys we prepend zero keys and pass the logits as an additive attention bias.
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import SMoPEConfig
+if TYPE_CHECKING:
+    from .config import SMoPEConfig
+
 
 MODES = ("sparse", "dense")
 

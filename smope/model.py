@@ -12,15 +12,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import state_mismatch
-from .config import SMoPEConfig
 from .errors import SmopeError
 from .layer import HFViT4PromptedAttention, HFViTPromptedAttention, PromptedAttention, TimmPromptedAttention
+
+if TYPE_CHECKING:  # imported where used: the config module imports peft, which imports transformers
+    from .config import SMoPEConfig
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -159,6 +162,8 @@ class SMoPEModel(nn.Module):
         config_path = Path(directory) / ADAPTER_CONFIG_NAME
         if not config_path.is_file():
             raise SmopeError(f"no {ADAPTER_CONFIG_NAME} in {directory}: expected a directory written by save_pretrained()")
+        from .config import SMoPEConfig
+
         smope_model = attach(model, SMoPEConfig.from_pretrained(str(directory)))
         smope_model.load_adapter(directory)
         return smope_model
@@ -170,7 +175,10 @@ def attach(model: nn.Module, config: SMoPEConfig | None = None) -> SMoPEModel:
     The classifier head (or ``config.modules_to_save``) stays trainable. Load pretrained
     backbone weights before attaching: wrapping renames ``attn.qkv`` to ``attn.base_layer.qkv``.
     """
-    config = config or SMoPEConfig()
+    if config is None:
+        from .config import SMoPEConfig
+
+        config = SMoPEConfig()
     if isinstance(model, SMoPEModel):
         raise SmopeError("this model already has prompt experts attached")
     blocks = find_attention_blocks(model)

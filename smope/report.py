@@ -23,10 +23,10 @@ from matplotlib.figure import Figure
 from .checkpoint import load_checkpoint
 from .data import split_classes
 from .errors import SmopeError
-from .experiment import checkpoint_path, finished_tasks
 from .model import PEFT_KEY_PREFIX
 from .provenance import PROVENANCE_FILE, provenance_markdown
 from .routing import summarize_records
+from .rundir import checkpoint_path, finished_tasks
 
 REPORT_DIR = "report"
 COUNTS_SUFFIX = ".experts.counts"

@@ -39,6 +39,14 @@ def run_identity(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(comparable(config.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def checkpoint_path(seed_dir: Path, task: int) -> Path:
+    return seed_dir / f"task_{task:03d}.safetensors"
+
+
+def finished_tasks(seed_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in seed_dir.glob("task_*.safetensors"))
+
+
 def has_finished_tasks(out: Path) -> bool:
     return any(out.glob("seed_*/task_*.safetensors"))
 

@@ -1,6 +1,7 @@
-"""Tiny random-weight backbones and an interruption helper shared by the tests."""
+"""Tiny random-weight backbones, a finished tiny run and an interruption helper shared by the tests."""
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import timm
@@ -35,3 +36,13 @@ def interrupted_at(monkeypatch, learner_class: type, task: int):
         yield
     finally:
         monkeypatch.setattr(learner_class, "train_task", real_train)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """configs/tiny.yaml run to the end through the CLI; a test that writes into it works on a copy."""
+    from smope import cli
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    cli.main(["run", str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"), f"output_dir={out}"])
+    return out

@@ -25,13 +25,6 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    run_cli("run", TINY, f"output_dir={out}")
-    return out
-
-
 def test_run_writes_every_output_and_learns(finished_run, capsys):
     out = finished_run
     for name in ("config.yaml", "metrics.json", "metrics.csv", "log.jsonl"):

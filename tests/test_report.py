@@ -15,16 +15,8 @@ from smope.metrics import aggregate, summarize
 from smope.report import format_mean_std, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "configs" / "tiny.yaml")
 COLLECT = ROOT / "experiments" / "collect.py"
 FILES = ["average_accuracy.png", "accuracy_matrix.png", "expert_usage.png", "routing.png", "summary.md"]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    cli.main(["run", TINY, f"output_dir={out}"])
-    return out
 
 
 @pytest.fixture(scope="module")
