@@ -144,13 +144,14 @@ def evaluate(
     return [100.0 * correct / max(total, 1) for correct, total in distributed.all_reduce_sum(counts).tolist()]
 
 
-def load_learner_state(learner: Learner, seed_dir: Path, task: int) -> tuple[dict, torch.Tensor | None]:
-    """The learner's state after ``task``, every checkpoint 0..task loaded in turn; returns the last one's metadata and RNG state.
+def load_learner_state(learner: Learner, seed_dir: Path, task: int, first: int = 0) -> tuple[dict, torch.Tensor | None]:
+    """The learner's state after ``task``, checkpoints ``first``..task loaded in turn; returns the last one's metadata and RNG state.
 
     A checkpoint holds the learner's whole trainable state but only the class statistics of
     its own task's classes (full covariances are large), so the earlier ones supply the rest.
+    ``first > 0`` is for a learner that already holds the state after task ``first - 1``.
     """
-    for earlier in range(task + 1):
+    for earlier in range(first, task + 1):
         tensors, meta = load_checkpoint(checkpoint_path(seed_dir, earlier))
         rng = tensors.pop("rng_state", None)
         learner.load_state_dict(tensors)
@@ -186,8 +187,8 @@ class SeedRun:
     def test_sizes(self) -> list[int]:
         return [len(self.scenario.test_dataset(t)) for t in range(self.scenario.num_tasks)]
 
-    def restore(self, task: int) -> dict:
-        meta, rng = load_learner_state(self.learner, self.seed_dir, task)
+    def restore(self, task: int, first: int = 0) -> dict:
+        meta, rng = load_learner_state(self.learner, self.seed_dir, task, first)
         if rng is not None:
             torch.set_rng_state(rng)
         return meta
@@ -343,8 +344,8 @@ def evaluate_run(run_dir: Path) -> dict:
         seed_run.build()
         data = seed_run.data
         rows = []
-        for task in range(chain.length):
-            seed_run.restore(task)
+        for task in range(chain.length):  # in order, so each task adds only its own checkpoint
+            seed_run.restore(task, first=task)
             rows.append(evaluate(seed_run.learner, seed_run.scenario, task, config.train.progress))
         per_seed.append({"seed": seed, **cl_metrics.summarize(rows, seed_run.test_sizes())})
     if not per_seed:
