@@ -39,23 +39,24 @@ class ClassStatistics:
             raise ValueError(f"covariance must be 'diag' or 'full', got {covariance!r}")
         self.covariance = covariance
         self.mean = torch.zeros(num_classes, dim)
-        self.var = torch.zeros(num_classes, dim)
+        self.var = torch.zeros(num_classes, dim)  # diag mode only
         self.cov: dict[int, torch.Tensor] = {}  # full mode: label -> (dim, dim), only for classes seen
         self.count = torch.zeros(num_classes, dtype=torch.int64)
         self.latest: list[int] = []  # labels of the last update: what the next checkpoint stores
         self._factors: dict[int, torch.Tensor] = {}
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Mean and population variance of each label's rows; full mode adds the unbiased covariance."""
+        """Mean of each label's rows, and their population variance (diag) or unbiased covariance (full)."""
         self.latest = sorted(labels.unique().tolist())
         for label in self.latest:
             rows = features[labels == label].float()
             self.mean[label] = rows.mean(0)
-            self.var[label] = rows.var(0, unbiased=False)
             self.count[label] = len(rows)
             if self.covariance == "full":
                 self.cov[label] = torch.cov(rows.T, correction=1 if len(rows) > 1 else 0)
                 self._factors.pop(label, None)
+            else:
+                self.var[label] = rows.var(0, unbiased=False)
 
     def _factor(self, label: int) -> torch.Tensor:
         """Cholesky factor of the covariance plus the floor, computed once per class in float64."""
