@@ -184,7 +184,7 @@ def attach(model: nn.Module, config: SMoPEConfig | None = None) -> SMoPEModel:
     blocks = find_attention_blocks(model)
     if not blocks:
         raise SmopeError(f"{type(model).__name__} has no attention that SMoPE can wrap. Supported: {SUPPORTED}")
-    config.validate_for(len(blocks))
+    config.check_blocks(len(blocks))
     if config.modules_to_save is None:
         config.modules_to_save = classifier_names(model)
 

@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
-from .errors import SmopeError
+from .errors import InvalidSettingError, SmopeError
+from .methods import readers_of, spec_for, unread_method_keys
+from .settings import PromptExpertSettings
 
 SCHEDULES = ("cosine", "epoch_cosine")
 ALIGN_COVARIANCES = ("diag", "full")
@@ -71,19 +73,14 @@ class ModelConfig:
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(PromptExpertSettings):
+    """``method.*``: which learner, its prompt-expert settings (:class:`~smope.settings.PromptExpertSettings`) and the rest.
+
+    Each learner reads only some of these keys (:mod:`smope.methods`); setting one it does not
+    read is an error.
+    """
+
     name: str = "smope"
-    num_experts: int = 25
-    top_k: int = 5
-    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
-    noise_eps: float = 0.4
-    router_weight: float = 1e-5
-    proto_weight: float = 1e-5
-    # Evaluation penalty for experts never used in training (the method's rule: 2.0). 0 is plain
-    # top-K routing, which is how the paper's reported numbers were computed (its checkpoints lost
-    # the usage counts on reload).
-    eval_noise: float = 2.0
-    init: str = "uniform"
     # Dense warm-up epochs on the first task; null = half of train.epochs.
     warmup_epochs: int | None = None
     # Classifier alignment on sampled class features after each task from the second on.
@@ -168,7 +165,9 @@ class RunConfig:
     output_dir: str = "runs/demo"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["method"] = {"name": values["method"].pop("name"), **values["method"]}  # the learner first, then its settings
+        return values
 
 
 def _type_name(tp: Any) -> str:
@@ -255,25 +254,69 @@ def parse_override(text: str) -> dict:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults, then the YAML file (if any), then each ``key=value`` override in order."""
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise SmopeError(f"config file {path} does not exist; see configs/ for examples")
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as exc:
+        raise SmopeError(f"config file {path} is not valid YAML{_yaml_problem(exc)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SmopeError(f"cannot read config file {path} ({exc}); give a readable UTF-8 YAML file") from exc
+    if not isinstance(values, dict):
+        raise SmopeError(f"config file {path} must be a mapping of keys to values")
+    return values
+
+
+def _changed_method_keys(config: RunConfig) -> set[str]:
+    """The ``method.*`` keys whose value differs from the default."""
+    default = MethodConfig()
+    return {f.name for f in dataclasses.fields(MethodConfig) if getattr(config.method, f.name) != getattr(default, f.name)}
+
+
+def _unread_keys_error(method: str, keys: list[str]) -> SmopeError:
+    listed = ", ".join(f"method.{key}" for key in keys)
+    readers = "; ".join(f"method.{key} is read by {', '.join(readers_of(key)) or 'no method'}" for key in keys)
+    return SmopeError(
+        f"{listed} {'is' if len(keys) == 1 else 'are'} not read by method.name={method}, so it would change nothing ({readers}): "
+        "remove it, or set method.name to a method that reads it"
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), strict: bool = True) -> RunConfig:
+    """Defaults, then the YAML file (if any), then each ``key=value`` override in order.
+
+    A ``method.*`` key the chosen method does not read (:mod:`smope.methods`) is an error when
+    an override sets it, or when the file sets it to a non-default value and the file's own
+    ``method.name`` is the chosen one. An override that switches ``method.name`` takes the file
+    as a setting for another method: its keys the new method does not read do not apply. Unread
+    keys are reset to their defaults either way, so the resolved config (and the saved
+    config.yaml) holds only settings that act. ``strict=False`` (reading a run's saved config)
+    only resets them.
+    """
     config = RunConfig()
+    file_keys: set[str] = set()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise SmopeError(f"config file {path} does not exist; see configs/ for examples")
-        try:
-            with open(path) as handle:
-                values = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as exc:
-            raise SmopeError(f"config file {path} is not valid YAML{_yaml_problem(exc)}") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SmopeError(f"cannot read config file {path} ({exc}); give a readable UTF-8 YAML file") from exc
-        if not isinstance(values, dict):
-            raise SmopeError(f"config file {path} must be a mapping of keys to values")
-        _apply(config, values)
+        _apply(config, _read_yaml(path))
+        file_keys = _changed_method_keys(config)
+    file_method = config.method.name
+    override_keys: set[str] = set()
     for text in overrides:
-        _apply(config, parse_override(text))
+        nested = parse_override(text)
+        _apply(config, nested)
+        if isinstance(nested.get("method"), dict):
+            override_keys |= set(nested["method"])
+    method = config.method.name
+    spec_for(method)  # an unknown method.name fails here, before any work
+    if strict:
+        unread = unread_method_keys(method, override_keys | (file_keys if file_method == method else set()))
+        if unread:
+            raise _unread_keys_error(method, unread)
+    default = MethodConfig()
+    for key in unread_method_keys(method, [f.name for f in dataclasses.fields(MethodConfig)]):
+        setattr(config.method, key, getattr(default, key))
     validate(config)
     return config
 
@@ -327,6 +370,10 @@ def validate(config: RunConfig) -> None:
         raise SmopeError(f"data.split=random applies to imagenet-r only ({data.name} has one split of its own); remove it")
     if data.test_resize is not None and data.test_resize < 1:
         raise SmopeError(f"config key 'data.test_resize' must be >= 1 or null, got {data.test_resize}")
+    try:
+        config.method.check_settings()
+    except InvalidSettingError as exc:
+        raise SmopeError(f"invalid method settings: {exc} (config keys method.*)") from exc
     if config.method.rp_dim < 1:
         raise SmopeError(f"config key 'method.rp_dim' must be >= 1, got {config.method.rp_dim}")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):

@@ -1,45 +1,18 @@
-"""Continual learners, selected by ``method.name``."""
+"""Continual learners, selected by ``method.name`` through the registry in :mod:`smope.methods`."""
 
 from __future__ import annotations
 
-from ..errors import SmopeError
+from ..methods import BY_NAME, spec_for
 from ..runconfig import RunConfig
-from .aper import APERLearner
 from .base import Learner, TaskContext
-from .frozen_backbone import HeadOnlyLearner, PrototypeLearner
-from .lora import LoRALearner
-from .prompt_pool import CodaPromptLearner, DualPromptLearner, L2PLearner
-from .ranpac import RanPACLearner
-from .slca import SLCALearner
 from .smope_learner import SMoPELearner
-from .smope_variants import DensePromptLearner, JointLearner
 
-LEARNERS: dict[str, type[Learner]] = {
-    cls.name: cls
-    for cls in (
-        SMoPELearner,
-        DensePromptLearner,
-        L2PLearner,
-        DualPromptLearner,
-        CodaPromptLearner,
-        PrototypeLearner,
-        HeadOnlyLearner,
-        LoRALearner,
-        JointLearner,
-        RanPACLearner,
-        APERLearner,
-        SLCALearner,
-    )
-}
-LEARNERS["simplecil"] = PrototypeLearner  # SimpleCIL's published name for the same method
+# name (aliases included) -> learner class; importing this package imports every learner.
+LEARNERS: dict[str, type[Learner]] = {name: spec.load() for name, spec in BY_NAME.items()}
 
 
 def create_learner(config: RunConfig, num_classes: int) -> Learner:
-    try:
-        cls = LEARNERS[config.method.name]
-    except KeyError:
-        raise SmopeError(f"unknown method.name '{config.method.name}'; choose one of {', '.join(sorted(LEARNERS))}") from None
-    return cls(config, num_classes)
+    return spec_for(config.method.name).load()(config, num_classes)
 
 
 __all__ = ["LEARNERS", "Learner", "SMoPELearner", "TaskContext", "create_learner"]

@@ -27,20 +27,8 @@ from .ridge import RidgeHead
 
 
 def smope_config(config: RunConfig) -> SMoPEConfig:
-    method = config.method
-    try:
-        return SMoPEConfig(
-            num_experts=method.num_experts,
-            top_k=method.top_k,
-            layers=list(method.layers),
-            noise_eps=method.noise_eps,
-            eval_noise=method.eval_noise,
-            router_weight=method.router_weight,
-            proto_weight=method.proto_weight,
-            init=method.init,
-        )
-    except InvalidSettingError as exc:
-        raise SmopeError(f"invalid method settings: {exc} (config keys method.*)") from exc
+    """The adapter config of a run's ``method`` section (both share :class:`~smope.settings.PromptExpertSettings`)."""
+    return SMoPEConfig(**config.method.prompt_expert_settings())
 
 
 class PromptLearner(Learner):

@@ -1,0 +1,76 @@
+"""The prompt-expert settings: one definition of their fields, defaults and checks.
+
+:class:`~smope.config.SMoPEConfig` (the peft adapter config) and the run config's ``method``
+section (:class:`~smope.runconfig.MethodConfig`) both inherit these fields, so a default or
+a range is written once. This module imports neither torch nor peft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import InvalidSettingError
+
+INIT_CHOICES = ("uniform", "normal", "zeros")
+
+
+@dataclass
+class PromptExpertSettings:
+    """Hyper-parameters of a sparse mixture of prompt experts (docs/method.md).
+
+    Args:
+        num_experts: prompt experts per head and prompted block (N_p).
+        top_k: experts active per input, head and block (K).
+        layers: indices of the prompted transformer blocks.
+        noise_eps: adaptive-noise coefficient for frequently used experts during training (eps).
+        eval_noise: penalty coefficient at evaluation for experts never used in training. The
+            method's rule is 2.0; 0 is plain top-K routing, which is how the paper's reported
+            numbers were computed (its checkpoints lost the usage counts on reload).
+        router_weight: weight of the router loss (alpha_router).
+        proto_weight: weight of the prototype loss (alpha_proto).
+        init: initialisation of the prompt keys and values ("uniform" is U[0, 1), the reference).
+    """
+
+    num_experts: int = field(default=25, metadata={"help": "prompt experts per head and block"})
+    top_k: int = field(default=5, metadata={"help": "active experts per input"})
+    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5], metadata={"help": "prompted blocks"})
+    noise_eps: float = field(default=0.4, metadata={"help": "adaptive noise for frequent experts, in [0, 1]"})
+    eval_noise: float = field(default=2.0, metadata={"help": "evaluation penalty for never-used experts"})
+    router_weight: float = field(default=1e-5, metadata={"help": "router loss weight"})
+    proto_weight: float = field(default=1e-5, metadata={"help": "prototype loss weight"})
+    init: str = field(default="uniform", metadata={"help": f"prompt initialisation, one of {INIT_CHOICES}"})
+
+    def check_settings(self) -> None:
+        """Raise :class:`~smope.errors.InvalidSettingError` naming the first setting out of range."""
+        if self.num_experts < 1:
+            raise InvalidSettingError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise InvalidSettingError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if not 0.0 <= self.noise_eps <= 1.0:
+            raise InvalidSettingError(f"noise_eps must be in [0, 1], got {self.noise_eps}")
+        if self.eval_noise < 0:
+            raise InvalidSettingError(f"eval_noise must be >= 0, got {self.eval_noise}")
+        for name in ("router_weight", "proto_weight"):
+            if getattr(self, name) < 0:
+                raise InvalidSettingError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.init not in INIT_CHOICES:
+            raise InvalidSettingError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
+        if not self.layers:
+            raise InvalidSettingError("layers must list at least one block index, e.g. [0, 1, 2, 3, 4, 5]")
+        if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+            raise InvalidSettingError(f"layers must be distinct block indices >= 0, got {self.layers}")
+
+    def check_blocks(self, num_blocks: int) -> None:
+        """Check the block indices against a model with ``num_blocks`` attention blocks."""
+        bad = [i for i in self.layers if i >= num_blocks]
+        if bad:
+            raise InvalidSettingError(
+                f"layers {bad} do not exist: this model has {num_blocks} blocks, so layers must be in [0, {num_blocks - 1}]"
+            )
+
+    def prompt_expert_settings(self) -> dict:
+        """These fields alone, as keyword arguments (e.g. for :class:`~smope.config.SMoPEConfig`)."""
+        return {name: getattr(self, name) for name in PROMPT_EXPERT_KEYS}
+
+
+PROMPT_EXPERT_KEYS = tuple(PromptExpertSettings.__dataclass_fields__)
