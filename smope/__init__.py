@@ -23,7 +23,7 @@ _EXPORTS = {
     "attach": "model",
     "auxiliary_loss": "model",
     "begin_task": "model",
-    "count_parameters": "model",
+    "count_parameters": "vit",
     "expert_usage": "model",
     "prompted_layers": "model",
     "set_mode": "model",

@@ -28,24 +28,6 @@ from .errors import SmopeError
 META_KEY = "smope"
 
 
-def state_mismatch(expected: dict[str, torch.Size | tuple[int, ...]], got: dict[str, torch.Size | tuple[int, ...]], limit: int = 5) -> str:
-    """How tensor names and shapes ``got`` differ from ``expected``; empty when they match.
-
-    One readable line ("missing: a, b; unexpected: c; wrong shape: d (1, 2) vs (2, 2)") for
-    the error a user sees when weights or an adapter do not fit a model.
-    """
-    missing = sorted(expected.keys() - got.keys())
-    unexpected = sorted(got.keys() - expected.keys())
-    wrong = sorted(
-        f"{k} {tuple(got[k])} vs {tuple(expected[k])}" for k in expected.keys() & got.keys() if tuple(got[k]) != tuple(expected[k])
-    )
-    return "; ".join(
-        f"{label}: {', '.join(items[:limit])}{' ...' if len(items) > limit else ''}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-        if items
-    )
-
-
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

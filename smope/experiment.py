@@ -35,7 +35,7 @@ from .data import ClassIncrementalScenario, build_transform, cache_dataset, inpu
 from .errors import ConfigAdviceError, SmopeError
 from .learners import Learner, TaskContext, create_learner
 from .loggers import RunLoggers, check_loggers
-from .model import count_parameters
+from .vit import count_parameters
 from .provenance import record_seed
 from .routing import RoutingTracker, routing_metrics
 from .rundir import append_log, check_output_dir, checkpoint_path, config_change_advice, finished_tasks, log_entry, rewrite_log, run_identity

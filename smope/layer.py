@@ -9,12 +9,13 @@ keys we prepend zero keys and pass the logits as an additive attention bias.
 
 from __future__ import annotations
 
-import inspect
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .vit import AttentionLayout, AttentionWrapper
 
 if TYPE_CHECKING:
     from .config import SMoPEConfig
@@ -91,43 +92,34 @@ class PromptExperts(nn.Module):
         return ((nll * rows).sum(-1) / rows.sum(-1).clamp(min=1)).sum()
 
 
-class PromptedAttention(nn.Module):
-    """Attention with a sparse mixture of prompt experts; subclasses adapt a backbone's module.
+class PromptedAttention(AttentionWrapper):
+    """Attention with a sparse mixture of prompt experts around a backbone's own attention module.
 
-    Subclasses implement :meth:`project_qkv` (the frozen projections, as (B, H, N, d) tensors)
-    and :meth:`project_out` (merging heads and the frozen output projection).
+    The wrapped module's :class:`~smope.vit.AttentionLayout` supplies the frozen projections and
+    the call convention, so one class serves timm and transformers alike.
 
     After each forward the layer keeps, for the training loop and for analysis:
     ``last_scores`` (B, H, E) raw expert scores, ``last_selected`` (B, H, K) active experts
     (``None`` in dense mode) and ``aux_loss`` (weighted router + prototype loss, or ``None``).
     """
 
-    def __init__(self, base_layer: nn.Module, config: SMoPEConfig, num_heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+    def __init__(self, base_layer: nn.Module, config: SMoPEConfig, layout: AttentionLayout | None = None) -> None:
+        super().__init__(base_layer, layout)
+        self.scale = self.head_dim**-0.5
         self.top_k = config.top_k
         self.noise_eps = config.noise_eps
         self.eval_noise = config.eval_noise
         self.router_weight = config.router_weight
         self.proto_weight = config.proto_weight
-        self.experts = PromptExperts(num_heads, config.num_experts, head_dim, config.init)
+        self.experts = PromptExperts(self.num_heads, config.num_experts, self.head_dim, config.init)
         self.mode = "sparse"
         self.last_scores: torch.Tensor | None = None
         self.last_selected: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
 
-    # Backbone-specific pieces -------------------------------------------------------------
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def project_out(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def attention_dropout(self) -> float:
-        return 0.0
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x, attn_mask = self.layout.inputs(self.base_layer, *args, **kwargs)
+        return self.layout.output(self.base_layer, self.prompted_forward(x, attn_mask))
 
     # The method ----------------------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
@@ -176,8 +168,7 @@ class PromptedAttention(nn.Module):
             if attn_mask.dtype == torch.bool:  # scaled_dot_product_attention's convention: True = may attend
                 attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
             bias = bias + F.pad(attn_mask, (num_prompts, 0))
-        dropout = self.attention_dropout() if self.training else 0.0
-        return F.scaled_dot_product_attention(q, keys, values_all, attn_mask=bias, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, keys, values_all, attn_mask=bias, dropout_p=self.attention_dropout())
 
     def router_loss(self, scores: torch.Tensor, selected: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
         """Cross-entropy towards each selected expert, with a margin on the others (docs/method.md#losses)."""
@@ -211,86 +202,3 @@ class PromptedAttention(nn.Module):
             raise RuntimeError("record_usage needs a forward pass first")
         self.experts.add_usage(self.last_scores.topk(self.top_k, dim=-1).indices)
 
-
-def timm_qkv(base: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries, keys and values (B, heads, N, head_dim) of a timm ``Attention`` with its q/k norms."""
-    batch, tokens, _ = x.shape
-    qkv = base.qkv(x).reshape(batch, tokens, 3, base.num_heads, base.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    return base.q_norm(q), base.k_norm(k), v
-
-
-def timm_out(base: nn.Module, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A timm ``Attention``'s output from the attended values (B, heads, N, head_dim) and its input ``x``."""
-    out = base.norm(context.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
-    gate = getattr(base, "gate", None)  # gated attention variants
-    if gate is not None:
-        out = out * gate(x).sigmoid()
-    return base.proj_drop(base.proj(out))
-
-
-class TimmPromptedAttention(PromptedAttention):
-    """Wraps ``timm.models.vision_transformer.Attention`` (ViT, DeiT, DINOv2 and friends)."""
-
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return timm_qkv(self.base_layer, x)
-
-    def project_out(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return timm_out(self.base_layer, context, x)
-
-    def attention_dropout(self) -> float:
-        return self.base_layer.attn_drop.p
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if is_causal:
-            raise ValueError("prompted attention does not support causal masks")
-        return self.prompted_forward(x, attn_mask)
-
-
-class HFViTPromptedAttention(PromptedAttention):
-    """Wraps transformers 5.x's ``ViTAttention`` (q_proj / k_proj / v_proj / o_proj layout)."""
-
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        base = self.base_layer
-        shape = (*x.shape[:-1], self.num_heads, self.head_dim)
-        return tuple(proj(x).view(shape).transpose(1, 2) for proj in (base.q_proj, base.k_proj, base.v_proj))
-
-    def project_out(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer.o_proj(context.transpose(1, 2).reshape(*x.shape[:-1], -1))
-
-    def attention_dropout(self) -> float:
-        return self.base_layer.attention_dropout
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-        return self.prompted_forward(hidden_states, attention_mask), None
-
-
-class HFViT4PromptedAttention(PromptedAttention):
-    """Wraps transformers 4.x's ``ViTAttention``: ``attention`` (ViTSelfAttention: query / key / value) and ``output`` (ViTSelfOutput: dense, dropout).
-
-    Releases up to about 4.50 return a tuple from ``ViTAttention.forward`` (its signature has
-    ``output_attentions``), later 4.x releases the tensor alone; the wrapper answers as the
-    wrapped class does.
-    """
-
-    def __init__(self, base_layer: nn.Module, config: SMoPEConfig, num_heads: int, head_dim: int) -> None:
-        super().__init__(base_layer, config, num_heads, head_dim)
-        self.returns_tuple = "output_attentions" in inspect.signature(type(base_layer).forward).parameters
-
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        own = self.base_layer.attention
-        shape = (*x.shape[:-1], self.num_heads, self.head_dim)
-        return tuple(proj(x).view(shape).transpose(1, 2) for proj in (own.query, own.key, own.value))
-
-    def project_out(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer.output(context.transpose(1, 2).reshape(*x.shape[:-1], -1), x)
-
-    def attention_dropout(self) -> float:
-        own = self.base_layer.attention
-        return own.dropout_prob if hasattr(own, "dropout_prob") else own.dropout.p
-
-    def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, *args, **kwargs):
-        if head_mask is not None:
-            raise ValueError("prompted attention does not support head_mask")
-        out = self.prompted_forward(hidden_states)
-        return (out,) if self.returns_tuple else out

@@ -9,6 +9,7 @@ peft's ``print_trainable_parameters`` and ``save_pretrained`` / ``from_pretraine
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import state_mismatch
 from .errors import SmopeError
-from .layer import HFViT4PromptedAttention, HFViTPromptedAttention, PromptedAttention, TimmPromptedAttention
+from .layer import PromptedAttention
+from .vit import SUPPORTED, classifier_names, count_parameters, find_attention_blocks, layout_of, replace_module, state_mismatch
 
 if TYPE_CHECKING:  # imported where used: the config module imports peft, which imports transformers
     from .config import SMoPEConfig
@@ -29,68 +30,6 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # peft names saved tensors after the tuner's wrapped model: base_model.model.<module path>.
 PEFT_KEY_PREFIX = "base_model.model."
-
-SUPPORTED = (
-    "timm VisionTransformer family (vit_*, deit_*, vit_*_dinov2, eva-free models built on "
-    "timm.models.vision_transformer.Attention) and transformers ViTModel / ViTForImageClassification (4.x and 5.x)"
-)
-
-
-def _wrapper_for(module: nn.Module) -> type[PromptedAttention] | None:
-    """The prompted class for an attention module, or ``None`` if it is not one we support."""
-    from timm.models.vision_transformer import Attention as TimmAttention
-
-    if isinstance(module, TimmAttention):
-        return TimmPromptedAttention
-    if not any(cls.__name__ == "ViTAttention" for cls in type(module).__mro__):  # also 4.x's ViTSdpaAttention
-        return None
-    if all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):  # transformers 5.x
-        return HFViTPromptedAttention
-    own = getattr(module, "attention", None)
-    if all(hasattr(own, n) for n in ("query", "key", "value")) and hasattr(getattr(module, "output", None), "dense"):  # 4.x
-        return HFViT4PromptedAttention
-    return None
-
-
-def _heads_of(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, PromptedAttention):
-        return module.num_heads, module.head_dim
-    if hasattr(module, "num_heads"):  # timm
-        return module.num_heads, module.head_dim
-    if hasattr(module, "q_proj"):  # transformers 5.x
-        return module.num_attention_heads, module.head_dim
-    return module.attention.num_attention_heads, module.attention.attention_head_size  # transformers 4.x
-
-
-def find_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every supported (or already prompted) attention module, in block order."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(f"{parent}.") for parent, _ in found):
-            continue  # the frozen attention inside a prompted layer
-        if isinstance(module, PromptedAttention) or _wrapper_for(module) is not None:
-            found.append((name, module))
-    return found
-
-
-def classifier_names(model: nn.Module) -> list[str]:
-    """Module paths of the classifier head that stays trainable (empty for a feature model)."""
-    if hasattr(model, "get_classifier"):  # timm
-        head = model.get_classifier()
-        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
-            return [n for n, m in model.named_modules() if m is head]
-        return []
-    if isinstance(getattr(model, "classifier", None), nn.Module):  # transformers *ForImageClassification
-        return ["classifier"] if any(True for _ in model.classifier.parameters()) else []
-    return []
-
-
-def unfreeze_classifier(model: nn.Module) -> nn.Module:
-    """Make ``model``'s classifier head trainable (baselines that train it over a frozen backbone); returns ``model``."""
-    for name in classifier_names(model):
-        model.get_submodule(name).requires_grad_(True)
-    return model
-
 
 class SMoPEModel(nn.Module):
     """A backbone with prompt experts attached; calls and attributes fall through to it."""
@@ -172,13 +111,13 @@ class SMoPEModel(nn.Module):
 def attach(model: nn.Module, config: SMoPEConfig | None = None) -> SMoPEModel:
     """Freeze ``model``, wrap the attention of ``config.layers`` and return a :class:`SMoPEModel`.
 
-    The classifier head (or ``config.modules_to_save``) stays trainable. Load pretrained
-    backbone weights before attaching: wrapping renames ``attn.qkv`` to ``attn.base_layer.qkv``.
+    The classifier head (or ``config.modules_to_save``) stays trainable. ``config`` is not
+    changed: the returned model keeps its own copy, with ``modules_to_save`` filled in. Load
+    pretrained backbone weights before attaching: wrapping renames ``attn.qkv`` to ``attn.base_layer.qkv``.
     """
-    if config is None:
-        from .config import SMoPEConfig
+    from .config import SMoPEConfig
 
-        config = SMoPEConfig()
+    config = SMoPEConfig() if config is None else copy.deepcopy(config)
     if isinstance(model, SMoPEModel):
         raise SmopeError("this model already has prompt experts attached")
     blocks = find_attention_blocks(model)
@@ -191,11 +130,9 @@ def attach(model: nn.Module, config: SMoPEConfig | None = None) -> SMoPEModel:
     model.requires_grad_(False)
     for index in config.layers:
         name, attention = blocks[index]
-        num_heads, head_dim = _heads_of(attention)
-        prompted = _wrapper_for(attention)(attention, config, num_heads, head_dim)
+        prompted = PromptedAttention(attention, config, layout_of(attention))
         prompted.to(next(attention.parameters()).device)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, prompted)
+        replace_module(model, name, prompted)
     for name in config.modules_to_save:
         model.get_submodule(name).requires_grad_(True)
     return SMoPEModel(model, config)
@@ -245,20 +182,3 @@ def expert_usage(model: nn.Module) -> torch.Tensor:
 def prompt_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     for layer in prompted_layers(model):
         yield from layer.experts.parameters()
-
-
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Trainable / prompt / head / frozen / total parameter counts."""
-    prompt_ids = {id(p) for p in prompt_parameters(model)}
-    counts = {"trainable": 0, "prompt": 0, "head": 0, "frozen": 0, "total": 0}
-    for p in model.parameters():
-        n = p.numel()
-        counts["total"] += n
-        if id(p) in prompt_ids:
-            counts["prompt"] += n
-        if p.requires_grad:
-            counts["trainable"] += n
-            counts["head"] += 0 if id(p) in prompt_ids else n
-        else:
-            counts["frozen"] += n
-    return counts

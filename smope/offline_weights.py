@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from smope.checkpoint import state_mismatch
-from smope.errors import MissingExtraError, SmopeError
+from .errors import MissingExtraError, SmopeError
+from .vit import state_mismatch
 
 if TYPE_CHECKING:
     import onnx

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .learners import create_learner
-from .model import count_parameters
+from .vit import count_parameters
 from .runconfig import MethodConfig, ModelConfig, RunConfig, TrainConfig
 
 

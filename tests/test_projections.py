@@ -14,7 +14,7 @@ from conftest import tiny_timm_vit
 from torch import nn
 
 import smope
-from smope.layer import TimmPromptedAttention
+from smope.layer import PromptedAttention
 
 
 def silence(layer) -> None:
@@ -57,7 +57,7 @@ def test_silenced_timm_layer_is_the_original_attention(variant, mask_kind):
     attention = timm.models.vision_transformer.Attention(dim=32, num_heads=4, qkv_bias=True, norm_layer=nn.LayerNorm, **variant)
     randomize_norms(attention)
     attention.eval()
-    layer = TimmPromptedAttention(attention, smope.SMoPEConfig(num_experts=4, top_k=2, layers=[0]), 4, 8).eval()
+    layer = PromptedAttention(attention, smope.SMoPEConfig(num_experts=4, top_k=2, layers=[0])).eval()
     silence(layer)
     x = torch.randn(3, 9, 32)
     mask = attention_mask(mask_kind, 3, 9)

@@ -18,7 +18,8 @@ import torch
 from ..backbones import create_backbone
 from ..runconfig import RunConfig
 from .alignment import ClassStatistics
-from .base import Learner, TaskContext, pooled_features
+from ..vit import pooled_features
+from .base import Learner, TaskContext
 from .frozen_backbone import cosine_to_means
 from .smope_variants import DensePromptLearner
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..errors import SmopeError
 from ..runconfig import RunConfig
+from ..vit import pooled_features
 from .divergence import DivergenceGuard
 from .schedule import lr_multipliers
 
@@ -34,11 +35,6 @@ class TaskContext:
     seed: int
     # Every task's training data, for the joint-training ceiling only (continual learners ignore it).
     all_train_data: Dataset | None = None
-
-
-def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The normalised class-token feature a timm ViT's head sees."""
-    return model.forward_head(model.forward_features(images), pre_logits=True)
 
 
 def masked_logits(logits: torch.Tensor, classes: range) -> torch.Tensor:

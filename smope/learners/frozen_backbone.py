@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from ..backbones import create_backbone
-from ..model import unfreeze_classifier
+from ..vit import unfreeze_classifier
 from ..runconfig import RunConfig
 from .alignment import ClassStatistics
 from .base import Learner, TaskContext, cross_entropy_on

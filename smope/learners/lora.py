@@ -7,7 +7,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from ..backbones import create_backbone
 from ..errors import SmopeError
-from ..model import unfreeze_classifier
+from ..vit import unfreeze_classifier
 from ..runconfig import RunConfig
 from .base import Learner, TaskContext, cross_entropy_on
 

@@ -16,9 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SmopeError
-from ..layer import timm_out, timm_qkv
-from ..model import find_attention_blocks, unfreeze_classifier
-from .base import pooled_features
+from ..vit import AttentionWrapper, find_attention_blocks, pooled_features, replace_module, unfreeze_classifier
 
 Prefix = tuple[torch.Tensor, torch.Tensor]
 """Prefix keys and values of one block, each (B, P, num_heads * head_dim)."""
@@ -37,31 +35,28 @@ def concat_prefixes(first: Prefix | None, second: Prefix) -> Prefix:
     return torch.cat([first[0], second[0]], dim=-2), torch.cat([first[1], second[1]], dim=-2)
 
 
-class PrefixAttention(nn.Module):
-    """``timm`` Attention with per-sample prefix keys/values prepended (prefix tuning).
+class PrefixAttention(AttentionWrapper):
+    """A backbone's attention with per-sample prefix keys/values prepended (prefix tuning).
 
     :attr:`prefix` is set by :class:`PrefixPromptedModel` around the prompted pass only; with
     no prefix the wrapped layer runs unchanged, which is the prompt-free query pass.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.prefix: Prefix | None = None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        base = self.base_layer
+    def forward(self, *args, **kwargs):
         if self.prefix is None:
-            return base(x, attn_mask=attn_mask, is_causal=is_causal)
-        if is_causal:
-            raise ValueError("prefix attention does not support causal masks")
-        q, k, v = timm_qkv(base, x)
-        prefix_k, prefix_v = (p.reshape(len(x), -1, base.num_heads, base.head_dim).transpose(1, 2).to(k.dtype) for p in self.prefix)
+            return self.base_layer(*args, **kwargs)
+        x, attn_mask = self.layout.inputs(self.base_layer, *args, **kwargs)
+        q, k, v = self.project_qkv(x)
+        prefix_k, prefix_v = (p.reshape(len(x), -1, self.num_heads, self.head_dim).transpose(1, 2).to(k.dtype) for p in self.prefix)
         k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
         if attn_mask is not None:
             attn_mask = F.pad(attn_mask, (prefix_k.shape[2], 0))
-        dropout = base.attn_drop.p if self.training else 0.0
-        return timm_out(base, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout), x)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout())
+        return self.layout.output(self.base_layer, self.project_out(context, x))
 
 
 class PromptPool(nn.Module):
@@ -111,9 +106,8 @@ class PrefixPromptedModel(nn.Module):
         self.prompted: dict[int, PrefixAttention] = {}
         for index in sorted(set(pool.layers)):
             name, attention = blocks[index]
-            parent, _, child = name.rpartition(".")
             self.prompted[index] = PrefixAttention(attention)
-            setattr(backbone.get_submodule(parent), child, self.prompted[index])
+            replace_module(backbone, name, self.prompted[index])
         self.aux_loss: torch.Tensor | None = None
 
     def __getattr__(self, name: str):

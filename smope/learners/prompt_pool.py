@@ -29,7 +29,7 @@ from torch import nn
 
 from ..backbones import create_backbone
 from ..errors import SmopeError
-from ..model import find_attention_blocks
+from ..vit import find_attention_blocks
 from ..runconfig import RunConfig
 from .base import Learner, TaskContext, cross_entropy_on
 from .prefix import Prefix, PrefixPromptedModel, PromptPool, check_layers, concat_prefixes, split_prefix
