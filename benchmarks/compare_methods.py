@@ -63,7 +63,7 @@ def measure(config: RunConfig) -> dict:
     last = seed_run.scenario.num_tasks - 1
     seed_run.restore(last)
     learner = seed_run.learner
-    test = learner.loader(seed_run.scenario.test_dataset_upto(last), config.train.eval_batch_size, shuffle=False)
+    test = learner.trainer.loader(seed_run.scenario.test_dataset_upto(last), config.train.eval_batch_size, shuffle=False)
     batches = [images for images, _ in test]
     learner.logits(batches[0])  # warm-up: first-call allocations are not throughput
     started = time.perf_counter()

@@ -33,7 +33,6 @@ from .errors import SmopeError
 
 TIMEOUT_ENV = "SMOPE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_SECONDS = 600
-TEST_FAIL_RANK_ENV = "SMOPE_TEST_FAIL_RANK"
 
 
 def is_distributed() -> bool:
@@ -208,16 +207,3 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
     mean = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / world_size()
     for grad, average in zip(grads, mean.split([g.numel() for g in grads])):
         grad.copy_(average.view_as(grad))
-
-
-def fail_for_test(task: int) -> None:
-    """Test hook: the process whose rank ``$SMOPE_TEST_FAIL_RANK`` names raises as the second task starts.
-
-    Its peers are then waiting in a collective, which is how tests check that one failing
-    process stops the whole run instead of leaving the others hanging.
-    """
-    if task != 1 or not is_distributed() or TEST_FAIL_RANK_ENV not in os.environ:
-        return
-    barrier()  # the main process has saved the first task: the run can be resumed
-    if os.environ[TEST_FAIL_RANK_ENV] == str(rank()):
-        raise RuntimeError(f"failure injected by {TEST_FAIL_RANK_ENV}={rank()}")

@@ -136,7 +136,7 @@ def evaluate(
     seen = scenario.seen_classes(task)
     counts = torch.zeros(task + 1, 2, dtype=torch.int64)  # correct, total
     for j in tqdm(range(task + 1), desc=f"evaluate after task {task + 1}", disable=not progress, leave=False):
-        for images, labels in learner.loader(scenario.test_dataset(j), learner.config.train.eval_batch_size, shuffle=False):
+        for images, labels in learner.trainer.loader(scenario.test_dataset(j), learner.config.train.eval_batch_size, shuffle=False):
             predictions = learner.logits(images)[:, : seen.stop].argmax(-1).cpu()
             counts[j] += torch.tensor([int((predictions == labels).sum()), len(labels)])
             if on_batch is not None:
@@ -235,7 +235,7 @@ class SeedRun:
 
     def run_tasks(self, chain: Chain, loggers: RunLoggers) -> dict:
         if loggers.loggers:
-            self.learner.log_step = loggers.training_step
+            self.learner.trainer.log_step = loggers.training_step
         progress = self.config.train.progress
         rows: list[list[float]] = []
         if chain.length:
@@ -246,7 +246,6 @@ class SeedRun:
             if distributed.is_main():
                 tqdm.write(f"seed {self.seed}: resuming after task {last + 1} from {checkpoint_path(self.seed_dir, last)}")
         for task in range(len(rows), self.scenario.num_tasks):
-            distributed.fail_for_test(task)
             started = time.time()
             torch.manual_seed(task_seed(self.seed, task))
             ctx = TaskContext(

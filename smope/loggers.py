@@ -74,7 +74,7 @@ class RunLoggers:
         self.step = 0
 
     def training_step(self, description: str, loss: float, learning_rates: list[float]) -> None:
-        """One optimiser step of :meth:`smope.learners.Learner.fit`."""
+        """One optimiser step of :meth:`smope.trainer.Trainer.optimize`."""
         self.step += 1
         values = {"train/loss": loss, **{f"train/lr_group{i}": lr for i, lr in enumerate(learning_rates)}}
         for logger in self.loggers:

@@ -72,8 +72,10 @@ def test_one_process_is_untouched():
 
 # Real multi-process runs -------------------------------------------------------------------
 def smope_run(out: Path, processes: int, **env: str) -> subprocess.CompletedProcess:
+    """``smope run`` of the tiny config; with ``SMOPE_TEST_FAIL_RANK`` set, through tests/inject_rank_failure.py."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
-    command = [sys.executable, *launcher, "-m", "smope", "run", TINY, f"output_dir={out}", *OVERRIDES]
+    program = [str(Path(__file__).with_name("inject_rank_failure.py"))] if "SMOPE_TEST_FAIL_RANK" in env else ["-m", "smope"]
+    command = [sys.executable, *launcher, *program, "run", TINY, f"output_dir={out}", *OVERRIDES]
     # One thread per process, as torchrun sets for several processes: the same arithmetic in both runs.
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT)

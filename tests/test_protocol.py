@@ -20,7 +20,7 @@ from smope.learners import SMoPELearner
 from smope.learners import TaskContext
 from smope.learners.alignment import VARIANCE_FLOOR, ClassStatistics, align_after_task, align_head
 from smope.runconfig import load_config
-from smope.learners.schedule import lr_multipliers
+from smope.schedule import lr_multipliers
 
 
 def _rates(rule: str, base: float, epochs: int, loader_length: int, **kwargs) -> list[float]:

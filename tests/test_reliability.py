@@ -13,7 +13,7 @@ from PIL import Image
 
 from smope import backbones, cli
 from smope.checkpoint import chain_link, save_checkpoint, verify_chain
-from smope.learners.divergence import DivergenceGuard
+from smope.divergence import DivergenceGuard
 from smope.learners.smope_learner import SMoPELearner
 from smope.runconfig import load_config
 

@@ -15,13 +15,16 @@ checkpoint in turn.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schedule import cosine_multipliers
+from ..runconfig import RunConfig, TrainConfig
+from ..schedule import cosine_multipliers
+from ..trainer import Trainer
 
 if TYPE_CHECKING:
     from ..runconfig import MethodConfig
@@ -113,37 +116,42 @@ def align_head(
     min_lr: float = 1e-6,
     weight_decay: float = 5e-4,
     iterations_per_epoch: int | None = None,
+    trainer: Trainer | None = None,
 ) -> None:
     """Retrain ``head`` on freshly sampled features each epoch (AdamW, per-iteration cosine to ``min_lr``).
 
     Every epoch draws ``samples_per_class`` features for each class in ``seen`` and shuffles
     them; it then runs ``iterations_per_epoch`` batches of ``batch_size`` (None: all of them).
-    The authors' rule is one batch of ``samples_per_class`` per class of earlier tasks.
+    The authors' rule is one batch of ``samples_per_class`` per class of earlier tasks. The
+    steps run through ``trainer`` (the run's precision, progress bar and divergence guard); by
+    default a plain fp32 trainer on the head's device.
     """
+    if trainer is None:
+        trainer = Trainer(RunConfig(train=TrainConfig(device=str(next(head.parameters()).device), progress=False)))
     generator = torch.Generator().manual_seed(seed)
-    device = next(head.parameters()).device
-    params = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": lr}]
     available = -(-len(seen) * samples_per_class // batch_size)
     per_epoch = available if iterations_per_epoch is None else min(iterations_per_epoch, available)
-    total = max(1, epochs * per_epoch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_multipliers(min_lr, [lr], total))
-    head.train()
-    for _ in range(epochs):
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         features, labels = stats.sample(seen, samples_per_class, generator)
         order = torch.randperm(len(labels), generator=generator)
         for step in range(per_epoch):
             batch = order[step * batch_size : (step + 1) * batch_size]
-            logits = head(features[batch].to(device))[:, : seen.stop]
-            loss = F.cross_entropy(logits.float(), labels[batch].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            yield features[batch], labels[batch]
+
+    def loss_fn(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(features)[:, : seen.stop].float(), labels)
+
+    head.train()
+    multipliers = cosine_multipliers(min_lr, [lr], max(1, epochs * per_epoch))
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    trainer.optimize(groups, optimizer, multipliers, epochs, per_epoch, batches, loss_fn, f"align {len(seen)} classes")
 
 
-
-def align_after_task(head: nn.Module, stats: ClassStatistics, ctx: TaskContext, method: MethodConfig, batch_size: int) -> None:
+def align_after_task(
+    head: nn.Module, stats: ClassStatistics, ctx: TaskContext, method: MethodConfig, batch_size: int, trainer: Trainer | None = None
+) -> None:
     """:func:`align_head` after task ``ctx`` with a run's ``method.align*`` settings (``batch_size``: ``train.batch_size``).
 
     ``method.align_steps: old_classes`` is the authors' rule: one batch of ``align_samples_per_class``
@@ -160,4 +168,5 @@ def align_after_task(head: nn.Module, stats: ClassStatistics, ctx: TaskContext, 
         batch_size=method.align_samples_per_class if authors_rule else batch_size,
         seed=ctx.seed,
         iterations_per_epoch=ctx.classes.start if authors_rule else None,
+        trainer=trainer,
     )

@@ -17,6 +17,7 @@ import torch
 
 from ..backbones import create_backbone
 from ..runconfig import RunConfig
+from ..trainer import Trainer
 from .alignment import ClassStatistics
 from ..vit import pooled_features
 from .base import Learner, TaskContext
@@ -32,9 +33,9 @@ class APERLearner(Learner):
 
     name = "aper"
 
-    def __init__(self, config: RunConfig, num_classes: int) -> None:
-        super().__init__(config, num_classes)
-        self.adapter = DensePromptLearner(replace(config, method=replace(config.method, head="linear")), num_classes)
+    def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
+        super().__init__(config, num_classes, trainer)
+        self.adapter = DensePromptLearner(replace(config, method=replace(config.method, head="linear")), num_classes, self.trainer)
         self.model = self.adapter.model
         self.frozen = create_backbone(config.model, num_classes=0).requires_grad_(False).eval().to(self.device)
         self.stats = ClassStatistics(num_classes, self.frozen.num_features + self.model.num_features)

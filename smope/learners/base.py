@@ -1,27 +1,25 @@
-"""What every continual learner shares: the task context, the training loop and evaluation.
+"""What every continual learner shares: the task context, the checkpoint state and the hooks.
 
-A learner owns its network and implements :meth:`Learner.train_task`; the trainer drives
-tasks, evaluation, metrics and checkpoints, so methods differ only in what they train.
+A learner owns its network and implements :meth:`Learner.train_task`; its
+:class:`~smope.trainer.Trainer` runs the optimisation and data passes, and the experiment
+(:mod:`smope.experiment`) drives tasks, evaluation, metrics and checkpoints, so methods
+differ only in what they train.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
-from .. import distributed
 from ..errors import SmopeError
 from ..runconfig import RunConfig
+from ..trainer import Trainer
 from ..vit import pooled_features
-from .divergence import DivergenceGuard
-from .schedule import lr_multipliers
 
 
 @dataclass
@@ -47,36 +45,26 @@ def masked_logits(logits: torch.Tensor, classes: range) -> torch.Tensor:
     return logits.masked_fill(mask, float("-inf"))
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device ``train.device`` names; in data-parallel runs CUDA means this process's ``cuda:LOCAL_RANK``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise SmopeError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SmopeError(f"train.device={name} but torch finds no CUDA device here; use train.device=cpu (or auto)")
-    return distributed.process_device(device)
-
-
 class Learner:
     """Base class of continual-learning methods.
 
     Subclasses build ``self.model`` in ``__init__`` and implement :meth:`train_task`; they may
-    extend :meth:`after_task`, :meth:`logits` and the checkpoint state.
+    extend :meth:`after_task`, :meth:`logits` and the checkpoint state. Training loops, loaders
+    and feature passes are the :attr:`trainer`'s.
     """
 
     name = "base"
     optional_state: frozenset[str] = frozenset()  # checkpoint entries older versions did not write
-    # Called after every optimiser step of fit() with (description, loss, learning rates): the run's loggers.
-    log_step: Callable[[str, float, list[float]], None] | None = None
 
-    def __init__(self, config: RunConfig, num_classes: int) -> None:
+    def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         self.config = config
         self.num_classes = num_classes
-        self.device = resolve_device(config.train.device)
+        self.trainer = trainer or Trainer(config)
         self.model: nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.device
 
     # Hooks -------------------------------------------------------------------------------
     def train_task(self, ctx: TaskContext) -> None:
@@ -88,7 +76,7 @@ class Learner:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        with self.autocast():
+        with self.trainer.autocast():
             return self.model(images.to(self.device)).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -131,109 +119,16 @@ class Learner:
     def eval_features(self, images: torch.Tensor) -> torch.Tensor:
         """:meth:`pooled_features` in eval mode, for classifiers kept outside the model (prototypes, ridge)."""
         self.model.eval()
-        with self.autocast():
+        with self.trainer.autocast():
             return self.pooled_features(images.to(self.device)).float()
+
+    def features_and_labels(self, data: Dataset, forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` over ``data`` with this learner's model in eval mode (:meth:`Trainer.features_and_labels`)."""
+        return self.trainer.features_and_labels(self.model, data, forward)
 
     def compile(self) -> None:
         """``torch.compile`` the model's forward in place (``train.compile``); parameter names are kept."""
         self.model.compile()
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        precision = self.config.train.precision
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
-    def loader(self, data: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-        """This process's batches of ``data``; ``batch_size`` is the global batch, split over the processes.
-
-        Shuffled loaders are for training: every process takes the same number of steps (see
-        :class:`~smope.distributed.ShardSampler`). Unshuffled ones visit each sample once over all
-        processes, so whatever is computed from them must be reduced across processes.
-        """
-        return DataLoader(
-            data,
-            batch_size=distributed.local_batch_size(batch_size, exact=shuffle),
-            sampler=distributed.ShardSampler(len(data), shuffle, seed),
-            generator=torch.Generator().manual_seed(seed),  # worker seeds, without drawing from the global RNG
-            num_workers=self.config.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
-
-    def fit(
-        self,
-        param_groups: list[dict],
-        data: Dataset,
-        epochs: int,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        seed: int,
-        description: str,
-        weight_decay: float | None = None,
-    ) -> None:
-        """AdamW over ``epochs`` of ``data`` with ``train.schedule``'s learning rates; a diverging loss stops the run."""
-        train = self.config.train
-        loader = self.loader(data, train.batch_size, shuffle=True, seed=seed)
-        steps = max(1, epochs * len(loader))
-        optimizer = self.optimizer(param_groups, train.weight_decay if weight_decay is None else weight_decay)
-        multipliers = lr_multipliers(
-            train.schedule,
-            [g["lr"] for g in param_groups],
-            epochs,
-            len(loader),
-            floor=train.min_lr,
-            iters_per_epoch=train.iters_per_epoch,
-            hold=train.hold_iters,
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
-        params = [p for g in param_groups for p in g["params"]]
-        bar = tqdm(total=steps, desc=description, disable=not train.progress, leave=False, unit="it")
-        guard = DivergenceGuard(self.config, description, param_groups)
-        for epoch in range(epochs):
-            for images, labels in loader:
-                images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-                with self.autocast():
-                    loss = loss_fn(images, labels)
-                if guard.diverged(loss):
-                    bar.close()
-                    raise guard.error(epoch + 1)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                # Still scaled: every process then finds the same inf/NaN and skips the same fp16 steps.
-                self.sync_gradients(params)
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                bar.update()
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-                if self.log_step is not None:
-                    self.log_step(description, loss.item(), schedule.get_last_lr())
-        bar.close()
-
-    def optimizer(self, param_groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
-        """The optimizer :meth:`fit` uses: AdamW, unless a method's published recipe says otherwise."""
-        return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
-
-    def sync_gradients(self, params: Iterable[nn.Parameter]) -> None:
-        """Average the gradients over the processes of a data-parallel run, so all take the same step."""
-        distributed.average_gradients(params)
-
-    def features_and_labels(self, data: Dataset, forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward`` over ``data`` in eval mode without gradients, concatenated in ``data``'s order.
-
-        In a data-parallel run each process computes its shard and every process gets all of
-        them, so callers (statistics, keys, head training on features) need no reduction.
-        """
-        outputs, labels = [], []
-        self.model.eval()
-        with torch.no_grad():
-            for images, batch_labels in self.loader(data, self.config.train.eval_batch_size, shuffle=False):
-                with self.autocast():
-                    outputs.append(forward(images.to(self.device)).float().cpu())
-                labels.append(batch_labels)
-        features, targets = torch.cat(outputs), torch.cat(labels)
-        return distributed.gather_shards(features, len(data)), distributed.gather_shards(targets, len(data))
 
 
 def cross_entropy_on(classes: range) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

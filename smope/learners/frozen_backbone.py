@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 from ..backbones import create_backbone
 from ..vit import unfreeze_classifier
 from ..runconfig import RunConfig
+from ..trainer import Trainer
 from .alignment import ClassStatistics
 from .base import Learner, TaskContext, cross_entropy_on
 
@@ -35,8 +36,8 @@ class PrototypeLearner(Learner):
     name = "prototype"
     optional_state = frozenset({"class_stats.classes"})  # checkpoints from before per-task statistics
 
-    def __init__(self, config: RunConfig, num_classes: int) -> None:
-        super().__init__(config, num_classes)
+    def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
+        super().__init__(config, num_classes, trainer)
         self.model = create_backbone(config.model, num_classes=0).requires_grad_(False).to(self.device)
         self.stats = ClassStatistics(num_classes, self.model.num_features)
 
@@ -64,8 +65,8 @@ class HeadOnlyLearner(Learner):
 
     name = "head-only"
 
-    def __init__(self, config: RunConfig, num_classes: int) -> None:
-        super().__init__(config, num_classes)
+    def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
+        super().__init__(config, num_classes, trainer)
         self.model = unfreeze_classifier(create_backbone(config.model, num_classes).requires_grad_(False)).to(self.device)
 
     def train_task(self, ctx: TaskContext) -> None:
@@ -74,4 +75,4 @@ class HeadOnlyLearner(Learner):
         head.train()
         groups = [{"params": list(head.parameters()), "lr": self.config.train.lr}]
         data, epochs = TensorDataset(features, labels), self.config.train.epochs
-        self.fit(groups, data, epochs, lambda x, y: criterion(head(x), y), ctx.seed, f"task {ctx.task + 1}")
+        self.trainer.fit(groups, data, epochs, lambda x, y: criterion(head(x), y), ctx.seed, f"task {ctx.task + 1}")

@@ -9,6 +9,7 @@ from ..backbones import create_backbone
 from ..errors import SmopeError
 from ..vit import unfreeze_classifier
 from ..runconfig import RunConfig
+from ..trainer import Trainer
 from .base import Learner, TaskContext, cross_entropy_on
 
 
@@ -24,8 +25,8 @@ class LoRALearner(Learner):
 
     name = "lora"
 
-    def __init__(self, config: RunConfig, num_classes: int) -> None:
-        super().__init__(config, num_classes)
+    def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
+        super().__init__(config, num_classes, trainer)
         method = config.method
         if method.lora_r < 1:
             raise SmopeError(f"config key 'method.lora_r' must be >= 1, got {method.lora_r}")
@@ -44,4 +45,4 @@ class LoRALearner(Learner):
         head = list(self.model.get_classifier().parameters())
         adapters = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
         groups = [{"params": adapters, "lr": self.config.method.lora_lr}, {"params": head, "lr": self.config.train.lr}]
-        self.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}")
+        self.trainer.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}")

@@ -31,6 +31,7 @@ from ..backbones import create_backbone
 from ..errors import SmopeError
 from ..vit import find_attention_blocks
 from ..runconfig import RunConfig
+from ..trainer import Trainer
 from .base import Learner, TaskContext, cross_entropy_on
 from .prefix import Prefix, PrefixPromptedModel, PromptPool, check_layers, concat_prefixes, split_prefix
 
@@ -194,8 +195,8 @@ class PromptPoolLearner(Learner):
 
     published: dict = {}
 
-    def __init__(self, config: RunConfig, num_classes: int) -> None:
-        super().__init__(config, num_classes)
+    def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
+        super().__init__(config, num_classes, trainer)
         backbone = create_backbone(config.model, num_classes)
         blocks = find_attention_blocks(backbone)
         attention = blocks[0][1]
@@ -247,7 +248,7 @@ class PromptPoolLearner(Learner):
             loss = criterion(self.model(images), labels)
             return loss if self.model.aux_loss is None else loss + self.model.aux_loss
 
-        self.fit(self.param_groups(), ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}")
+        self.trainer.fit(self.param_groups(), ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Prompts, keys, attention vectors and head (trainable) plus the pool's task id and fitted keys."""

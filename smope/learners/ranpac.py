@@ -21,6 +21,7 @@ import torch
 
 from ..backbones import create_backbone
 from ..runconfig import RunConfig
+from ..trainer import Trainer
 from .base import Learner, TaskContext
 from .ridge import RIDGE_PREFIX, RidgeHead
 from .smope_variants import DensePromptLearner
@@ -31,10 +32,10 @@ class RanPACLearner(Learner):
 
     name = "ranpac"
 
-    def __init__(self, config: RunConfig, num_classes: int) -> None:
-        super().__init__(config, num_classes)
+    def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
+        super().__init__(config, num_classes, trainer)
         phase1 = replace(config, method=replace(config.method, head="linear"))  # its linear head trains the prompt
-        self.adapter = DensePromptLearner(phase1, num_classes) if config.method.first_task_adapt else None
+        self.adapter = DensePromptLearner(phase1, num_classes, self.trainer) if config.method.first_task_adapt else None
         if self.adapter is None:
             self.model = create_backbone(config.model, num_classes=0).requires_grad_(False).to(self.device)
         else:

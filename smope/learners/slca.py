@@ -19,6 +19,7 @@ import torch
 
 from ..backbones import create_backbone
 from ..runconfig import RunConfig
+from ..trainer import Trainer
 from .alignment import ClassStatistics, align_after_task
 from .base import Learner, TaskContext, cross_entropy_on
 
@@ -26,22 +27,24 @@ MOMENTUM = 0.9  # SLCA's release
 WEIGHT_DECAY = 5e-4  # SLCA's release
 
 
+def sgd(param_groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+    """SLCA's optimiser: SGD with momentum (the harness's AdamW does not apply)."""
+    return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=MOMENTUM, weight_decay=weight_decay)
+
+
 class SLCALearner(Learner):
     """Every backbone weight trains at a 100x smaller learning rate than the head; alignment fixes the head's bias."""
 
     name = "slca"
 
-    def __init__(self, config: RunConfig, num_classes: int) -> None:
-        super().__init__(config, num_classes)
+    def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
+        super().__init__(config, num_classes, trainer)
         self.model = create_backbone(config.model, num_classes).to(self.device)
         self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
 
     @property
     def head(self) -> torch.nn.Module:
         return self.model.get_classifier()
-
-    def optimizer(self, param_groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
-        return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=MOMENTUM, weight_decay=weight_decay)
 
     def train_task(self, ctx: TaskContext) -> None:
         criterion = cross_entropy_on(ctx.classes)
@@ -56,13 +59,13 @@ class SLCALearner(Learner):
             {"params": backbone, "lr": self.config.method.slca_backbone_lr},
             {"params": list(self.head.parameters()), "lr": self.config.method.slca_head_lr},
         ]
-        self.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}", weight_decay=WEIGHT_DECAY)
+        self.trainer.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}", weight_decay=WEIGHT_DECAY, optimizer=sgd)
 
     def after_task(self, ctx: TaskContext) -> None:
         self.stats.update(*self.features_and_labels(ctx.train_data, self.pooled_features))
         method = self.config.method
         if ctx.task > 0 and method.align:
-            align_after_task(self.head, self.stats, ctx, method, self.config.train.batch_size)
+            align_after_task(self.head, self.stats, ctx, method, self.config.train.batch_size, self.trainer)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**super().state_dict(), **self.stats.state_dict()}

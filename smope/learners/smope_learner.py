@@ -21,6 +21,7 @@ from ..model import (
     set_mode,
 )
 from ..runconfig import RunConfig
+from ..trainer import Trainer
 from .alignment import ClassStatistics, align_after_task
 from .base import Learner, TaskContext, cross_entropy_on
 from .ridge import RidgeHead
@@ -36,8 +37,8 @@ class PromptLearner(Learner):
 
     optional_state = frozenset({"class_stats.classes"})  # checkpoints from before per-task statistics
 
-    def __init__(self, config: RunConfig, num_classes: int) -> None:
-        super().__init__(config, num_classes)
+    def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
+        super().__init__(config, num_classes, trainer)
         backbone = create_backbone(config.model, num_classes)
         try:
             self.model = attach(backbone, smope_config(config)).to(self.device)
@@ -62,7 +63,7 @@ class PromptLearner(Learner):
             aux = auxiliary_loss(self.model)
             return loss if aux is None else loss + aux
 
-        self.fit(self.param_groups(), ctx.train_data, epochs, loss_fn, ctx.seed, description)
+        self.trainer.fit(self.param_groups(), ctx.train_data, epochs, loss_fn, ctx.seed, description)
 
     def after_task(self, ctx: TaskContext) -> None:
         """Usage pass, then class statistics with the final counts, then classifier alignment.
@@ -86,7 +87,7 @@ class PromptLearner(Learner):
             return
         method = self.config.method
         if ctx.task > 0 and method.align:
-            align_after_task(self.head, self.stats, ctx, method, self.config.train.batch_size)
+            align_after_task(self.head, self.stats, ctx, method, self.config.train.batch_size, self.trainer)
 
     def merge_usage(self, before: torch.Tensor) -> None:
         """Add up the usage counts that each process of a data-parallel run collected on its shard."""

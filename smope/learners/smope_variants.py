@@ -7,6 +7,7 @@ from dataclasses import replace
 from ..errors import SmopeError
 from ..model import set_mode
 from ..runconfig import RunConfig
+from ..trainer import Trainer
 from .base import TaskContext
 from .smope_learner import PromptLearner, SMoPELearner
 
@@ -20,8 +21,8 @@ class DensePromptLearner(PromptLearner):
 
     name = "dense-prompt"
 
-    def __init__(self, config: RunConfig, num_classes: int) -> None:
-        super().__init__(config, num_classes)
+    def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
+        super().__init__(config, num_classes, trainer)
         set_mode(self.model, "dense")
 
     def train_task(self, ctx: TaskContext) -> None:

@@ -16,18 +16,18 @@ from collections import deque
 
 import torch
 
-from ..errors import ConfigAdviceError
-from ..runconfig import RunConfig
+from .errors import ConfigAdviceError
+from .runconfig import RunConfig
 
 WINDOW = 10
 GROWTH = 100.0
 FLOOR = 10.0
 # Config keys that set a learning rate given to the optimizer directly.
-LR_KEYS = (("train", "lr"), ("method", "lora_lr"))
+LR_KEYS = (("train", "lr"), ("method", "lora_lr"), ("method", "align_lr"), ("method", "slca_backbone_lr"), ("method", "slca_head_lr"))
 
 
 class DivergenceGuard:
-    """Watches the loss of one training phase (:meth:`Learner.fit`) for divergence."""
+    """Watches the loss of one training phase (:meth:`~smope.trainer.Trainer.optimize`) for divergence."""
 
     def __init__(self, config: RunConfig, description: str, param_groups: list[dict]) -> None:
         self.config, self.description = config, description

@@ -1,0 +1,162 @@
+"""The training machinery every learner shares, apart from the methods.
+
+A :class:`Trainer` owns the device, the precision, the data loaders (sharded in
+data-parallel runs), the optimiser and learning-rate schedule, the gradient sync, the
+divergence guard, the progress bar and the feature passes. Learners say only what to train
+(parameter groups and a loss) and what to do between tasks; classifier alignment runs its
+steps through the same :meth:`Trainer.optimize`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import distributed
+from .divergence import DivergenceGuard
+from .errors import SmopeError
+from .runconfig import RunConfig
+from .schedule import lr_multipliers
+
+Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+"""``epoch -> (inputs, labels)`` batches of that epoch."""
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OptimizerFactory = Callable[[list[dict], float], torch.optim.Optimizer]
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``train.device`` names; in data-parallel runs CUDA means this process's ``cuda:LOCAL_RANK``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SmopeError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SmopeError(f"train.device={name} but torch finds no CUDA device here; use train.device=cpu (or auto)")
+    return distributed.process_device(device)
+
+
+def adamw(param_groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+    """The harness's optimiser, unless a method's published recipe says otherwise."""
+    return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
+
+
+class Trainer:
+    """Runs optimisation and data passes for a learner with a run's ``train.*`` settings."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.train.device)
+        # Called after every optimiser step with (description, loss, learning rates): the run's loggers.
+        self.log_step: Callable[[str, float, list[float]], None] | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        precision = self.config.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def loader(self, data: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+        """This process's batches of ``data``; ``batch_size`` is the global batch, split over the processes.
+
+        Shuffled loaders are for training: every process takes the same number of steps (see
+        :class:`~smope.distributed.ShardSampler`). Unshuffled ones visit each sample once over all
+        processes, so whatever is computed from them must be reduced across processes.
+        """
+        return DataLoader(
+            data,
+            batch_size=distributed.local_batch_size(batch_size, exact=shuffle),
+            sampler=distributed.ShardSampler(len(data), shuffle, seed),
+            generator=torch.Generator().manual_seed(seed),  # worker seeds, without drawing from the global RNG
+            num_workers=self.config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def fit(
+        self,
+        param_groups: list[dict],
+        data: Dataset,
+        epochs: int,
+        loss_fn: LossFn,
+        seed: int,
+        description: str,
+        weight_decay: float | None = None,
+        optimizer: OptimizerFactory = adamw,
+    ) -> None:
+        """``epochs`` over shuffled ``data`` with ``train.schedule``'s learning rates (AdamW unless ``optimizer`` says otherwise)."""
+        train = self.config.train
+        loader = self.loader(data, train.batch_size, shuffle=True, seed=seed)
+        multipliers = lr_multipliers(
+            train.schedule,
+            [g["lr"] for g in param_groups],
+            epochs,
+            len(loader),
+            floor=train.min_lr,
+            iters_per_epoch=train.iters_per_epoch,
+            hold=train.hold_iters,
+        )
+        weight_decay = train.weight_decay if weight_decay is None else weight_decay
+        self.optimize(param_groups, optimizer(param_groups, weight_decay), multipliers, epochs, len(loader), lambda _: loader, loss_fn, description)
+
+    def optimize(
+        self,
+        param_groups: list[dict],
+        optimizer: torch.optim.Optimizer,
+        multipliers: list[Callable[[int], float]],
+        epochs: int,
+        steps_per_epoch: int,
+        batches: Batches,
+        loss_fn: LossFn,
+        description: str,
+    ) -> None:
+        """The step loop: precision, gradient scaling and sync, schedule, progress, loggers; a diverging loss stops the run."""
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.train.precision == "fp16")
+        params = [p for g in param_groups for p in g["params"]]
+        bar = tqdm(total=max(1, epochs * steps_per_epoch), desc=description, disable=not self.config.train.progress, leave=False, unit="it")
+        guard = DivergenceGuard(self.config, description, param_groups)
+        for epoch in range(epochs):
+            for inputs, labels in batches(epoch):
+                inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                with self.autocast():
+                    loss = loss_fn(inputs, labels)
+                if guard.diverged(loss):
+                    bar.close()
+                    raise guard.error(epoch + 1)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                # Still scaled: every process then finds the same inf/NaN and skips the same fp16 steps.
+                distributed.average_gradients(params)
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                bar.update()
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+                if self.log_step is not None:
+                    self.log_step(description, loss.item(), schedule.get_last_lr())
+        bar.close()
+
+    def features_and_labels(
+        self, model: nn.Module, data: Dataset, forward: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` over ``data`` with ``model`` in eval mode and no gradients, concatenated in ``data``'s order.
+
+        In a data-parallel run each process computes its shard and every process gets all of
+        them, so callers (statistics, keys, head training on features) need no reduction.
+        """
+        outputs, labels = [], []
+        model.eval()
+        with torch.no_grad():
+            for images, batch_labels in self.loader(data, self.config.train.eval_batch_size, shuffle=False):
+                with self.autocast():
+                    outputs.append(forward(images.to(self.device)).float().cpu())
+                labels.append(batch_labels)
+        features, targets = torch.cat(outputs), torch.cat(labels)
+        return distributed.gather_shards(features, len(data)), distributed.gather_shards(targets, len(data))
