@@ -28,7 +28,7 @@ import torch
 
 from smope.errors import SmopeError
 from smope.experiment import SeedRun, run_experiment
-from smope.flops import method_flops
+from smope.cost import method_flops
 from smope.learners import LEARNERS
 from smope.runconfig import RunConfig, load_config
 
@@ -45,7 +45,7 @@ VARIANTS = {
 METHODS = [name for name, cls in LEARNERS.items() if name == cls.name] + list(VARIANTS)
 DEFAULT_METHODS = [name for name in METHODS if name not in ("dense-prompt-ridge", "ranpac-no-adapt")]
 # One short epoch on a few images per class: checks that every method runs end to end, nothing more.
-QUICK = ("train.epochs=1", "data.train_per_class=16", "data.test_per_class=8", "method.align_epochs=1", "train.progress=false")
+QUICK = ("train.epochs=1", "data.train_per_class=16", "data.test_per_class=8", "train.progress=false")
 
 
 def run_config(config_path: Path, method: str, seeds: list[int], out: Path, overrides: list[str]) -> RunConfig:

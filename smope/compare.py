@@ -14,10 +14,9 @@ import numpy as np
 import yaml
 
 from .errors import SmopeError
-from .flops import method_flops
+from .cost import method_flops
 from .report import _figure, _table_row, chance_curve, format_mean_std, load_results
-from .rundir import EXECUTION_KEYS
-from .runconfig import load_config
+from .rundir import EXECUTION_KEYS, RunDir
 
 # Keys that say where and how a run executed, not what it computed (the seeds do count here).
 IGNORED_KEYS = {".".join(key) for key in EXECUTION_KEYS if key != ("seeds",)} | {"data.root"}
@@ -92,7 +91,7 @@ def _gflops(run_dir: Path, results: dict) -> tuple[str, str]:
     if not results.get("num_classes"):
         return "n/a", "n/a"
     try:
-        flops = method_flops(load_config(run_dir / "config.yaml"), results["num_classes"])
+        flops = method_flops(RunDir(run_dir).config(), results["num_classes"])
     except (SmopeError, RuntimeError, ValueError):
         return "n/a", "n/a"
     return f"{flops.training.total / 1e9:.3f}", f"{flops.inference.total / 1e9:.3f}"

@@ -1,13 +1,6 @@
-"""Running a continual-learning experiment: data, tasks, evaluation, checkpoints, resume.
+"""Running a continual-learning experiment: tasks, evaluation, checkpoints, resume.
 
-Output directory layout::
-
-    config.yaml                  the resolved configuration
-    metrics.json / metrics.csv   accuracy matrix and metrics, per seed and aggregated
-    log.jsonl                    one line per finished task
-    seed_<s>/task_<t>.safetensors  everything task t+1 needs (atomic; the resume points)
-
-Each task starts from an RNG seeded by (seed, task), so a run resumed from a checkpoint
+The files a run writes and their layout belong to :class:`~smope.rundir.RunDir`. Each task starts from an RNG seeded by (seed, task), so a run resumed from a checkpoint
 ends with the same numbers as an uninterrupted one.
 
 Under ``torchrun`` every process runs this same loop on its shard of the data (see
@@ -16,109 +9,27 @@ Under ``torchrun`` every process runs this same loop on its shard of the data (s
 
 from __future__ import annotations
 
-import csv
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import distributed
 from . import metrics as cl_metrics
-from .checkpoint import Chain, chain_link, load_checkpoint, save_checkpoint, verify_chain
-from .data import ClassIncrementalScenario, build_transform, cache_dataset, input_norm, load_dataset
+from .checkpoint import Chain, chain_link, load_checkpoint, save_checkpoint
+from .data import ClassIncrementalScenario
+from .data.prepared import PreparedData, load_splits, prepare_data
 from .errors import ConfigAdviceError, SmopeError
 from .learners import Learner, TaskContext, create_learner
 from .loggers import RunLoggers, check_loggers
 from .vit import count_parameters
 from .provenance import record_seed
 from .routing import RoutingTracker, routing_metrics
-from .rundir import append_log, check_output_dir, checkpoint_path, config_change_advice, finished_tasks, log_entry, rewrite_log, run_identity
-from .runconfig import RunConfig, load_config
-
-
-class TensorImages(Dataset):
-    """Transformed images of a split held in memory, with the ``targets``/``classes`` a scenario needs."""
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> None:
-        self.images, self.targets, self.classes = images, targets.tolist(), classes
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], self.targets[index]
-
-
-class TransformedView(Dataset):
-    """A labelled dataset restricted to some indices, with a transform applied on access."""
-
-    def __init__(self, dataset: Dataset, indices: list[int], transform) -> None:
-        self.dataset, self.indices, self.transform = dataset, indices, transform
-        all_targets = np.asarray(dataset.targets)
-        self.targets = all_targets[indices].tolist()
-        self.classes = list(dataset.classes)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int):
-        image, label = self.dataset[self.indices[index]]
-        return self.transform(image), label
-
-
-def _limit_per_class(targets: list[int], limit: int | None) -> list[int]:
-    """The first ``limit`` indices of every class (all indices when ``limit`` is None)."""
-    if limit is None:
-        return list(range(len(targets)))
-    taken: dict[int, int] = {}
-    keep = []
-    for index, label in enumerate(targets):
-        if taken.get(label, 0) < limit:
-            taken[label] = taken.get(label, 0) + 1
-            keep.append(index)
-    return keep
-
-
-@dataclass
-class PreparedData:
-    train: Dataset
-    test: Dataset
-    num_classes: int
-    split_file: str | Path | None = None  # the fixed split a dataset reads, if any (recorded in provenance.json)
-
-
-def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
-    data = config.data
-    with distributed.local_main_first():  # one download per machine when data.download is set
-        return tuple(load_dataset(data.name, data.root, train, data.download, data.split) for train in (True, False))
-
-
-def split_transform(config: RunConfig, model: torch.nn.Module, train: bool) -> Callable:
-    """The transform of one split for ``model`` (its resolution) and the config's normalisation, resize and augmentation."""
-    data = config.data
-    mean, std = input_norm(model, data.normalize)
-    img_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else config.model.img_size
-    return build_transform(img_size, mean, std, train, data.augment if train else [], data.test_resize, data.interpolation)
-
-
-def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, raw_test: Dataset) -> PreparedData:
-    """Transform both splits for ``model`` and cache them when allowed."""
-    data = config.data
-    splits = []
-    for raw, train, limit in ((raw_train, True, data.train_per_class), (raw_test, False, data.test_per_class)):
-        augment = data.augment if train else []
-        view = TransformedView(raw, _limit_per_class(list(raw.targets), limit), split_transform(config, model, train))
-        if data.cache and not augment:
-            images, labels = cache_dataset(view, num_workers=data.num_workers).tensors
-            view = TensorImages(images, labels, view.classes)
-        splits.append(view)
-    return PreparedData(splits[0], splits[1], len(raw_train.classes), getattr(raw_train, "split_file", None))
+from .rundir import RunDir, log_entry, run_identity
+from .runconfig import RunConfig
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -144,26 +55,26 @@ def evaluate(
     return [100.0 * correct / max(total, 1) for correct, total in distributed.all_reduce_sum(counts).tolist()]
 
 
-def load_learner_state(learner: Learner, seed_dir: Path, task: int, first: int = 0) -> tuple[dict, torch.Tensor | None]:
-    """The learner's state after ``task``, checkpoints ``first``..task loaded in turn; returns the last one's metadata and RNG state.
+def load_learner_state(learner: Learner, run_dir: RunDir, seed: int, task: int, first: int = 0) -> dict:
+    """The learner's state after ``task``, checkpoints ``first``..task loaded in turn; returns the last one's metadata.
 
     A checkpoint holds the learner's whole trainable state but only the class statistics of
     its own task's classes (full covariances are large), so the earlier ones supply the rest.
     ``first > 0`` is for a learner that already holds the state after task ``first - 1``.
     """
     for earlier in range(first, task + 1):
-        tensors, meta = load_checkpoint(checkpoint_path(seed_dir, earlier))
-        rng = tensors.pop("rng_state", None)
+        tensors, meta = load_checkpoint(run_dir.checkpoint(seed, earlier))
+        tensors.pop("rng_state", None)  # written by versions before 0.2; every task reseeds its RNG anyway
         learner.load_state_dict(tensors)
-    return meta, rng
+    return meta
 
 
 class SeedRun:
     """One seed of an experiment: learner, scenario and the per-task loop with resume."""
 
-    def __init__(self, config: RunConfig, seed: int, out: Path, data: PreparedData | None = None) -> None:
-        self.config, self.seed, self.out = config, seed, out
-        self.seed_dir = out / f"seed_{seed}"
+    def __init__(self, config: RunConfig, seed: int, out: Path | RunDir, data: PreparedData | None = None) -> None:
+        self.config, self.seed = config, seed
+        self.run_dir = out if isinstance(out, RunDir) else RunDir(out)
         self.data = data
         self.learner: Learner | None = None
         self.scenario: ClassIncrementalScenario | None = None
@@ -188,19 +99,14 @@ class SeedRun:
         return [len(self.scenario.test_dataset(t)) for t in range(self.scenario.num_tasks)]
 
     def restore(self, task: int, first: int = 0) -> dict:
-        meta, rng = load_learner_state(self.learner, self.seed_dir, task, first)
-        if rng is not None:
-            torch.set_rng_state(rng)
-        return meta
+        return load_learner_state(self.learner, self.run_dir, self.seed, task, first)
 
     def chain(self) -> Chain:
-        """The checkpoints of this seed that can be resumed from or evaluated (see :func:`~smope.checkpoint.verify_chain`)."""
-        done = finished_tasks(self.seed_dir)
-        return verify_chain([checkpoint_path(self.seed_dir, t) for t in range(done[-1] + 1 if done else 0)], self.seed)
+        return self.run_dir.chain(self.seed)
 
     def save_task(self, task: int, rows: list[list[float]], seconds: float) -> None:
         """Checkpoint (chained to the previous task's file), log line and message of a finished task."""
-        previous = checkpoint_path(self.seed_dir, task - 1) if task > 0 else None
+        previous = self.run_dir.checkpoint(self.seed, task - 1) if task > 0 else None
         meta = {
             **chain_link(self.run_id, self.seed, task, previous),
             "accuracy_matrix": rows,
@@ -209,10 +115,9 @@ class SeedRun:
         }
         if self.routing.enabled:
             meta["routing"] = self.routing.checkpoint_meta()
-        state = {**self.learner.state_dict(), "rng_state": torch.get_rng_state()}
-        save_checkpoint(checkpoint_path(self.seed_dir, task), state, meta)
+        save_checkpoint(self.run_dir.checkpoint(self.seed, task), self.learner.state_dict(), meta)
         entry = log_entry(meta)
-        append_log(self.out, entry)
+        self.run_dir.append_log(entry)
         tqdm.write(f"seed {self.seed} task {task + 1}/{self.scenario.num_tasks}: average accuracy {entry['average_accuracy']:.2f}% ({seconds:.0f}s)")
 
     def run(self) -> dict:
@@ -223,11 +128,11 @@ class SeedRun:
         if distributed.is_main():
             if chain.problem:
                 tqdm.write(f"seed {self.seed}: {chain.problem}; recomputing from task {chain.length + 1}")
-            rewrite_log(self.out, self.seed, chain.metas)
+            self.run_dir.rewrite_log(self.seed, chain.metas)
         self.build()
         if distributed.is_main():
-            record_seed(self.out, self.config, self.seed, self.scenario, self.data.split_file)
-        loggers = RunLoggers(self.config.train.loggers if distributed.is_main() else [], self.config, self.out, self.seed)
+            record_seed(self.run_dir.path, self.config, self.seed, self.scenario, self.data.split_file)
+        loggers = RunLoggers(self.config.train.loggers if distributed.is_main() else [], self.config, self.run_dir.path, self.seed)
         try:
             return self.run_tasks(chain, loggers)
         finally:
@@ -244,7 +149,7 @@ class SeedRun:
             rows = meta["accuracy_matrix"]
             self.routing.restore((meta.get("routing") or {}).get("records"), len(rows))
             if distributed.is_main():
-                tqdm.write(f"seed {self.seed}: resuming after task {last + 1} from {checkpoint_path(self.seed_dir, last)}")
+                tqdm.write(f"seed {self.seed}: resuming after task {last + 1} from {self.run_dir.checkpoint(self.seed, last)}")
         for task in range(len(rows), self.scenario.num_tasks):
             started = time.time()
             torch.manual_seed(task_seed(self.seed, task))
@@ -269,8 +174,8 @@ class SeedRun:
         return {"seed": self.seed, **cl_metrics.summarize(rows, self.test_sizes())}
 
 
-def write_metrics(out: Path, config: RunConfig, per_seed: list[dict], learner: Learner, routing: dict | None = None) -> dict:
-    """metrics.json's content; only the main process of a data-parallel run writes the files."""
+def metrics_result(config: RunConfig, per_seed: list[dict], learner: Learner, routing: dict | None = None) -> dict:
+    """metrics.json's content."""
     counts = count_parameters(learner.model)
     result = {
         "method": config.method.name,
@@ -288,55 +193,46 @@ def write_metrics(out: Path, config: RunConfig, per_seed: list[dict], learner: L
     }
     if routing is not None:
         result["routing"] = routing
-    if not distributed.is_main():
-        return result
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    num_tasks = result["num_tasks"]
-    with open(out / "metrics.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["seed", "after_task", "average_accuracy", *[f"task_{j}" for j in range(num_tasks)]])
-        for label, matrix in [(run["seed"], run["accuracy_matrix"]) for run in per_seed] + [("mean", result["accuracy_matrix"])]:
-            for t, row in enumerate(matrix):
-                writer.writerow([label, t, f"{np.mean(row):.4f}", *[f"{a:.4f}" for a in row], *[""] * (num_tasks - len(row))])
     return result
 
 
 def run_experiment(config: RunConfig) -> dict:
     """Run (or resume) every seed of ``config`` and write the outputs; returns metrics.json's content."""
-    out = Path(config.output_dir)
+    run_dir = RunDir(config.output_dir)
     distributed.local_batch_size(config.train.batch_size, exact=True)  # an uneven split fails before any work
     check_loggers(config.train.loggers)
     if distributed.is_main():
-        check_output_dir(out, config)
+        run_dir.bind(config)
     distributed.barrier()  # the others start once config.yaml is checked and written
     if not distributed.is_main():
         config = replace(config, train=replace(config.train, progress=False))  # one set of progress bars
     per_seed, data, learner, trackers = [], None, None, []
     try:
         for seed in config.seeds:
-            seed_run = SeedRun(config, seed, out, data)
+            seed_run = SeedRun(config, seed, run_dir, data)
             per_seed.append(seed_run.run())
             data, learner = seed_run.data, seed_run.learner
             trackers.append((seed, seed_run.routing))
     except ConfigAdviceError as exc:
-        raise ConfigAdviceError(f"{exc}. {config_change_advice(out)}") from exc
-    return write_metrics(out, config, per_seed, learner, routing_metrics(trackers))
+        raise ConfigAdviceError(f"{exc}. {run_dir.change_advice()}") from exc
+    result = metrics_result(config, per_seed, learner, routing_metrics(trackers))
+    if distributed.is_main():  # only the main process of a data-parallel run writes the files
+        run_dir.write_metrics(result)
+    return result
 
 
-def evaluate_run(run_dir: Path) -> dict:
+def evaluate_run(path: Path) -> dict:
     """Re-evaluate every task checkpoint of a finished or partial run; writes eval.json."""
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise SmopeError(f"{run_dir} is not a run directory: it has no config.yaml (run 'smope run CONFIG' first)")
-    config = load_config(config_path)
+    run_dir = RunDir(path)
+    config = run_dir.config()
     per_seed, data = [], None
     for seed in config.seeds:
         seed_run = SeedRun(config, seed, run_dir, data)
         chain = seed_run.chain()
         if chain.problem:
             raise SmopeError(
-                f"cannot evaluate {run_dir}: {chain.problem}, so the checkpoints of seed {seed} after task {chain.length} "
-                f"do not follow from the ones before. Recompute them with: smope run {config_path} output_dir={run_dir}"
+                f"cannot evaluate {path}: {chain.problem}, so the checkpoints of seed {seed} after task {chain.length} "
+                f"do not follow from the ones before. Recompute them with: smope run {path / RunDir.CONFIG} output_dir={path}"
             )
         if not chain.length:
             continue
@@ -348,9 +244,9 @@ def evaluate_run(run_dir: Path) -> dict:
             rows.append(evaluate(seed_run.learner, seed_run.scenario, task, config.train.progress))
         per_seed.append({"seed": seed, **cl_metrics.summarize(rows, seed_run.test_sizes())})
     if not per_seed:
-        raise SmopeError(f"{run_dir} has no task checkpoints yet: nothing to evaluate")
+        raise SmopeError(f"{path} has no task checkpoints yet: nothing to evaluate")
     # A partial run may have seeds at different tasks: aggregate those that got furthest.
     furthest = max(len(run["accuracy_matrix"]) for run in per_seed)
     result = {**cl_metrics.aggregate([r for r in per_seed if len(r["accuracy_matrix"]) == furthest]), "per_seed": per_seed}
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    run_dir.write_eval(result)
     return result

@@ -18,11 +18,13 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
 
 from .data import class_order, split_classes
 from .errors import SmopeError
-from .experiment import finished_tasks, load_learner_state, load_splits, split_transform, task_seed
+from .data.prepared import load_splits, split_transform
+from .experiment import load_learner_state, task_seed
 from .learners import Learner, create_learner
 from .model import SMoPEModel
 from .provenance import PROVENANCE_FILE
-from .runconfig import RunConfig, load_config
+from .rundir import RunDir
+from .runconfig import RunConfig
 
 
 @dataclass
@@ -51,23 +53,21 @@ def _classes(run_dir: Path, config: RunConfig, seed: int) -> tuple[list[str], li
 
 def load_trained_run(run_dir: str | Path, seed: int | None = None) -> TrainedRun:
     """The learner of ``seed`` (default: the run's first seed with a checkpoint) after its last finished task."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise SmopeError(f"{run_dir} is not a run directory: it has no config.yaml (run 'smope run CONFIG' first)")
-    config = load_config(run_dir / "config.yaml")
+    run_dir = RunDir(run_dir)
+    config = run_dir.config()
     config = replace(config, train=replace(config.train, progress=False))
     if seed is not None and seed not in config.seeds:
         raise SmopeError(f"seed {seed} is not one of the run's seeds {config.seeds}: pick one of those with --seed")
     candidates = [seed] if seed is not None else config.seeds
-    done = [(s, finished_tasks(run_dir / f"seed_{s}")) for s in candidates]
+    done = [(s, run_dir.finished_tasks(s)) for s in candidates]
     done = [(s, tasks) for s, tasks in done if tasks]
     if not done:
         raise SmopeError(f"{run_dir} has no task checkpoint for seed {candidates[0] if seed is not None else config.seeds}: nothing trained yet")
     seed, tasks = done[0]
-    names, sizes = _classes(run_dir, config, seed)
+    names, sizes = _classes(run_dir.path, config, seed)
     torch.manual_seed(task_seed(seed, 0))  # as the run did: a random-weight backbone (model.weights=none) comes back the same
     learner = create_learner(config, len(names))
-    load_learner_state(learner, run_dir / f"seed_{seed}", tasks[-1])
+    load_learner_state(learner, run_dir, seed, tasks[-1])
     return TrainedRun(config, seed, tasks[-1], learner, names, list(accumulate(sizes))[tasks[-1]])
 
 

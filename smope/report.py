@@ -26,7 +26,7 @@ from .errors import SmopeError
 from .model import PEFT_KEY_PREFIX
 from .provenance import PROVENANCE_FILE, provenance_markdown
 from .routing import summarize_records
-from .rundir import checkpoint_path, finished_tasks
+from .rundir import RunDir
 
 REPORT_DIR = "report"
 COUNTS_SUFFIX = ".experts.counts"
@@ -50,13 +50,14 @@ def load_results(run_dir: Path) -> dict:
     """
     if not run_dir.is_dir():
         raise SmopeError(f"{run_dir} is not a directory: give the output_dir of a run, e.g. 'smope report runs/demo'")
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file():
-        return json.loads(metrics.read_text())
-    evaluated, config_path = run_dir / "eval.json", run_dir / "config.yaml"
-    if evaluated.is_file() and config_path.is_file():
+    run = RunDir(run_dir)
+    metrics = run.read_json(RunDir.METRICS)
+    if metrics is not None:
+        return metrics
+    config_path = run_dir / RunDir.CONFIG
+    result = run.read_json(RunDir.EVAL)
+    if result is not None and config_path.is_file():
         config = yaml.safe_load(config_path.read_text())
-        result = json.loads(evaluated.read_text())
         seeds = [run["seed"] for run in result["per_seed"]]
         partial = {
             "method": config["method"]["name"],
@@ -78,11 +79,12 @@ def load_results(run_dir: Path) -> dict:
 def routing_from_checkpoints(run_dir: Path, seeds: list[int]) -> dict | None:
     """metrics.json's ``routing`` rebuilt from each seed's last checkpoint, for a partial run."""
     layout, per_seed = None, []
+    run = RunDir(run_dir)
     for seed in seeds:
-        tasks = finished_tasks(run_dir / f"seed_{seed}")
+        tasks = run.finished_tasks(seed)
         if not tasks:
             continue
-        _, meta = load_checkpoint(checkpoint_path(run_dir / f"seed_{seed}", tasks[-1]))
+        _, meta = load_checkpoint(run.checkpoint(seed, tasks[-1]))
         saved = meta.get("routing")
         if saved:
             layout = {k: v for k, v in saved.items() if k != "records"}
@@ -96,11 +98,11 @@ def load_expert_usage(run_dir: Path, seed: int) -> tuple[dict[str, np.ndarray], 
     Counts accumulate over tasks, so the last checkpoint of a seed holds the whole run's
     usage. None when the seed has no checkpoint or the method keeps no usage counts.
     """
-    seed_dir = run_dir / f"seed_{seed}"
-    tasks = finished_tasks(seed_dir)
+    run = RunDir(run_dir)
+    tasks = run.finished_tasks(seed)
     if not tasks:
         return None
-    tensors, _ = load_checkpoint(checkpoint_path(seed_dir, tasks[-1]))
+    tensors, _ = load_checkpoint(run.checkpoint(seed, tasks[-1]))
     usage = {
         name.removeprefix(PEFT_KEY_PREFIX).removesuffix(COUNTS_SUFFIX): counts.sum(0).numpy()
         for name, counts in tensors.items()

@@ -8,7 +8,7 @@ import torch
 from test_baselines import _one_thread  # noqa: F401  (one torch thread for tiny tensors)
 
 from smope import cli, experiment
-from smope.flops import method_flops
+from smope.cost import method_flops
 from smope.learners.ridge import RIDGE_GRID, RidgeHead, ridge_validation_losses
 from smope.runconfig import load_config
 

@@ -1,8 +1,12 @@
-"""Forward FLOPs per image of every method, counted by torch's own ``FlopCounterMode``.
+"""Compute accounting for every method: parameter counts and forward FLOPs per image.
 
-The learner is built with random weights on the CPU (nothing is downloaded) and images are
-pushed through exactly the forward it runs; the cost per image is the count for two images
-minus the count for one, so work done once per batch is not charged to an image.
+Both build the learner with random weights on the CPU (nothing is downloaded), so the numbers
+are those of the model a run trains. Parameters use :func:`smope.vit.count_parameters`, one
+meaning of "prompt" (everything trained besides the classifier head) for every method.
+
+FLOPs are counted by torch's own ``FlopCounterMode``: images are pushed through exactly the
+forward the learner runs; the cost per image is the count for two images minus the count for
+one, so work done once per batch is not charged to an image.
 
 - training: ``model(images)`` in train mode, i.e. one training step's forward. Two-pass
   methods include the prompt-free query pass when they need it in training (L2P++, CODA-Prompt);
@@ -30,7 +34,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .learners import create_learner
-from .runconfig import RunConfig
+from .runconfig import MethodConfig, ModelConfig, RunConfig, TrainConfig
+from .vit import count_parameters
 
 # FlopCounterMode has formulas for the CUDA attention kernels only; this is the CPU one.
 _CPU_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -104,4 +109,45 @@ def flops_table(config: RunConfig, num_classes: int) -> str:
         lines.append(f"  {phase:<10} {count.total / 1e9:>12.2f} {count.without_attention / 1e9:>21.2f}")
     lines.append("  FLOPs = 2 x multiply-adds (torch FlopCounterMode); 'w/o attention scores' omits the QK^T and AV")
     lines.append("  products and is the convention of docs/method.md#paper-numbers (SMoPE on ViT-B/16 at 224 px: 33.72)")
+    return "\n".join(lines)
+
+
+# Parameters ----------------------------------------------------------------------------------
+def method_config(
+    model: str,
+    method: str = "smope",
+    num_experts: int = 25,
+    top_k: int = 5,
+    layers: list[int] | None = None,
+    img_size: int | None = None,
+) -> RunConfig:
+    """A run config that builds ``method`` on ``model`` with random weights on the CPU."""
+    method_cfg = MethodConfig(name=method, num_experts=num_experts, top_k=top_k)
+    if layers is not None:
+        method_cfg.layers = layers
+    return RunConfig(
+        model=ModelConfig(name=model, img_size=img_size, weights="none"),
+        method=method_cfg,
+        train=TrainConfig(device="cpu", progress=False),
+    )
+
+
+def parameter_counts(config: RunConfig, num_classes: int) -> dict[str, int]:
+    """Trainable / prompt / head / frozen / total parameters of ``config``'s learner (:func:`smope.vit.count_parameters`)."""
+    return count_parameters(create_learner(config, num_classes).model)
+
+
+def parameter_table(
+    model: str,
+    num_classes: int,
+    method: str = "smope",
+    num_experts: int = 25,
+    top_k: int = 5,
+    layers: list[int] | None = None,
+    img_size: int | None = None,
+) -> str:
+    counts = parameter_counts(method_config(model, method, num_experts, top_k, layers, img_size), num_classes)
+    width = max(len(f"{v:,d}") for v in counts.values())
+    lines = [f"{method} on {model}, {num_classes} classes", f"  {'component':<10} {'parameters':>{width}}"]
+    lines += [f"  {name:<10} {value:>{width},d}" for name, value in counts.items()]
     return "\n".join(lines)

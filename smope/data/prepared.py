@@ -1,0 +1,96 @@
+"""Turning a dataset into what a run trains on: per-class limits, the backbone's transform, an in-memory cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .. import distributed
+from ..runconfig import RunConfig
+from .cache import cache_dataset
+from .datasets import load_dataset
+from .transforms import build_transform, input_norm
+
+
+class TensorImages(Dataset):
+    """Transformed images of a split held in memory, with the ``targets``/``classes`` a scenario needs."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> None:
+        self.images, self.targets, self.classes = images, targets.tolist(), classes
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], self.targets[index]
+
+
+class TransformedView(Dataset):
+    """A labelled dataset restricted to some indices, with a transform applied on access."""
+
+    def __init__(self, dataset: Dataset, indices: list[int], transform) -> None:
+        self.dataset, self.indices, self.transform = dataset, indices, transform
+        all_targets = np.asarray(dataset.targets)
+        self.targets = all_targets[indices].tolist()
+        self.classes = list(dataset.classes)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[self.indices[index]]
+        return self.transform(image), label
+
+
+def _limit_per_class(targets: list[int], limit: int | None) -> list[int]:
+    """The first ``limit`` indices of every class (all indices when ``limit`` is None)."""
+    if limit is None:
+        return list(range(len(targets)))
+    taken: dict[int, int] = {}
+    keep = []
+    for index, label in enumerate(targets):
+        if taken.get(label, 0) < limit:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(index)
+    return keep
+
+
+@dataclass
+class PreparedData:
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    split_file: str | Path | None = None  # the fixed split a dataset reads, if any (recorded in provenance.json)
+
+
+def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
+    data = config.data
+    with distributed.local_main_first():  # one download per machine when data.download is set
+        return tuple(load_dataset(data.name, data.root, train, data.download, data.split) for train in (True, False))
+
+
+def split_transform(config: RunConfig, model: torch.nn.Module, train: bool) -> Callable:
+    """The transform of one split for ``model`` (its resolution) and the config's normalisation, resize and augmentation."""
+    data = config.data
+    mean, std = input_norm(model, data.normalize)
+    img_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else config.model.img_size
+    return build_transform(img_size, mean, std, train, data.augment if train else [], data.test_resize, data.interpolation)
+
+
+def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, raw_test: Dataset) -> PreparedData:
+    """Transform both splits for ``model`` and cache them when allowed."""
+    data = config.data
+    splits = []
+    for raw, train, limit in ((raw_train, True, data.train_per_class), (raw_test, False, data.test_per_class)):
+        augment = data.augment if train else []
+        view = TransformedView(raw, _limit_per_class(list(raw.targets), limit), split_transform(config, model, train))
+        if data.cache and not augment:
+            images, labels = cache_dataset(view, num_workers=data.num_workers).tensors
+            view = TensorImages(images, labels, view.classes)
+        splits.append(view)
+    return PreparedData(splits[0], splits[1], len(raw_train.classes), getattr(raw_train, "split_file", None))
