@@ -111,14 +111,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    from .cost import parameter_table
+    from .cost import method_config, parameter_table
 
-    print(parameter_table(args.model, args.num_classes, args.method, args.num_experts, args.top_k, args.layers, args.img_size))
+    config = method_config(args.model, args.method, args.num_experts, args.top_k, args.layers, args.img_size)
+    print(parameter_table(config, args.num_classes))
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
-    from .cost import flops_table
-    from .cost import method_config
+    from .cost import flops_table, method_config
 
     print(flops_table(method_config(args.model, args.method, img_size=args.img_size), args.num_classes))
 

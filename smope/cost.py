@@ -137,17 +137,10 @@ def parameter_counts(config: RunConfig, num_classes: int) -> dict[str, int]:
     return count_parameters(create_learner(config, num_classes).model)
 
 
-def parameter_table(
-    model: str,
-    num_classes: int,
-    method: str = "smope",
-    num_experts: int = 25,
-    top_k: int = 5,
-    layers: list[int] | None = None,
-    img_size: int | None = None,
-) -> str:
-    counts = parameter_counts(method_config(model, method, num_experts, top_k, layers, img_size), num_classes)
+def parameter_table(config: RunConfig, num_classes: int) -> str:
+    """The ``smope params`` report."""
+    counts = parameter_counts(config, num_classes)
     width = max(len(f"{v:,d}") for v in counts.values())
-    lines = [f"{method} on {model}, {num_classes} classes", f"  {'component':<10} {'parameters':>{width}}"]
+    lines = [f"{config.method.name} on {config.model.name}, {num_classes} classes", f"  {'component':<10} {'parameters':>{width}}"]
     lines += [f"  {name:<10} {value:>{width},d}" for name, value in counts.items()]
     return "\n".join(lines)
