@@ -43,6 +43,7 @@ PROJECTIONS = ["tests/test_projections.py"]
 METRICS = ["tests/test_metrics.py"]
 RESUME = ["tests/test_resume.py"]
 LAYER, LEARNER, ALIGN, BASE = "smope/layer.py", "smope/learners/smope_learner.py", "smope/learners/alignment.py", "smope/learners/base.py"
+VIT = "smope/vit.py"
 
 MUTATIONS = [
     # Core: the prompted attention and its routing
@@ -55,7 +56,7 @@ MUTATIONS = [
     Mutation("noise: training coefficient zero", LAYER, "self.frequent.to(self.keys.dtype) * noise_eps", "self.frequent.to(self.keys.dtype) * 0.0", METHOD),
     Mutation("noise: counts in place of flags", LAYER, "self.frequent.to(self.keys.dtype) * noise_eps", "(self.counts > 0).to(self.keys.dtype) * noise_eps", METHOD),
     Mutation("noise: evaluation coefficient ignored", LAYER, "(self.counts == 0).to(self.keys.dtype) * eval_noise", "(self.counts == 0).to(self.keys.dtype) * 2.0", METHOD),
-    Mutation("noise: method.eval_noise not passed on", LEARNER, "eval_noise=method.eval_noise,", "", METHOD),
+    Mutation("noise: method.eval_noise not passed on", "smope/settings.py", "for name in PROMPT_EXPERT_KEYS}", 'for name in PROMPT_EXPERT_KEYS if name != "eval_noise"}', METHOD),
     # Bookkeeping inside training
     Mutation("bookkeeping: usage pass skipped", LEARNER, "self.features_and_labels(ctx.train_data, usage_only)", "", METHOD),
     Mutation("bookkeeping: usage replaced, not merged", LEARNER, "total = before + distributed.all_reduce_sum(", "total = 0 * before + distributed.all_reduce_sum(", METHOD),
@@ -74,7 +75,7 @@ MUTATIONS = [
     Mutation("alignment: run despite align=false", LEARNER, "if ctx.task > 0 and method.align:", "if ctx.task > 0:", METHOD),
     Mutation("alignment: sample variance (ddof=1)", ALIGN, "rows.var(0, unbiased=False)", "rows.var(0)", METHOD),
     Mutation("alignment: samples scaled by the variance, not the std", ALIGN, "(self.var[labels] + VARIANCE_FLOOR).sqrt()", "(self.var[labels] + VARIANCE_FLOOR)", METHOD),
-    Mutation("alignment: head never stepped", ALIGN, "optimizer.step()", "optimizer.zero_grad()", METHOD),
+    Mutation("alignment: head never stepped", ALIGN, "trainer.optimize(groups, optimizer, multipliers, epochs,", "trainer.optimize(groups, optimizer, multipliers, 0,", METHOD),
     # Metrics
     Mutation("metrics: forgetting from A[j][j]", "smope/metrics.py", "max(matrix[t][j] for t in range(j, last))", "matrix[j][j]", METRICS),
     Mutation("metrics: forgetting includes the last row", "smope/metrics.py", "for t in range(j, last))", "for t in range(j, last + 1))", METRICS),
@@ -83,14 +84,14 @@ MUTATIONS = [
     Mutation("resume: LoRA matrices not checkpointed", BASE, "if n in trainable}", 'if n in trainable and "lora_" not in n}', RESUME, ["-k", "resumes and lora"]),
     Mutation("resume: missing entries accepted", BASE, "        self.check_state(state)\n        self.model.load_state_dict", "        self.model.load_state_dict", RESUME, ["-k", "missing"]),
     Mutation("checkpoint: usage counts not saved", "smope/model.py", 'if ".experts." in f".{name}"', 'if ".experts.keys" in f".{name}" or ".experts.values" in f".{name}"', CORE),
-    Mutation("checkpoint: class statistics not saved", LEARNER, "return {**self.model.adapter_state_dict(), **self.stats.state_dict()}", "return {**self.model.adapter_state_dict()}", ["tests/test_experiment.py"], ["-k", "resumes"]),
+    Mutation("checkpoint: class statistics not saved", LEARNER, "**self.stats.state_dict(), **ridge}", "**ridge}", ["tests/test_experiment.py"], ["-k", "resumes"]),
     # Projections around the attention
-    Mutation("projection: q/k norms skipped", LAYER, "return base.q_norm(q), base.k_norm(k), v", "return q, k, v", PROJECTIONS),
-    Mutation("projection: output norm skipped", LAYER, "out = base.norm(context", "out = (context", PROJECTIONS),
-    Mutation("projection: attention gate skipped", LAYER, "out = out * gate(x).sigmoid()", "out = out", PROJECTIONS),
+    Mutation("projection: q/k norms skipped", VIT, "return module.q_norm(q), module.k_norm(k), v", "return q, k, v", PROJECTIONS),
+    Mutation("projection: output norm skipped", VIT, "out = module.norm(context", "out = (context", PROJECTIONS),
+    Mutation("projection: attention gate skipped", VIT, "out = out * gate(x).sigmoid()", "out = out", PROJECTIONS),
     Mutation("projection: attention mask ignored", LAYER, "bias = bias + F.pad(attn_mask, (num_prompts, 0))", "bias = bias", PROJECTIONS),
     Mutation("projection: boolean mask added as 0/1", LAYER, "if attn_mask.dtype == torch.bool:", "if False:", PROJECTIONS),
-    Mutation("projection: transformers keys and values swapped", LAYER, "(base.q_proj, base.k_proj, base.v_proj)", "(base.q_proj, base.v_proj, base.k_proj)", PROJECTIONS),
+    Mutation("projection: transformers keys and values swapped", VIT, "(module.q_proj, module.k_proj, module.v_proj)", "(module.q_proj, module.v_proj, module.k_proj)", PROJECTIONS),
     # Class order (the rule is Python's random.shuffle seeded by the run's seed)
     Mutation("class order: another seed", "smope/data/scenario.py", "random.Random(seed).shuffle(order)", "random.Random(seed + 1).shuffle(order)", ["tests/test_class_order.py"]),
 ]
