@@ -57,6 +57,34 @@ def test_new_method_runs_and_resumes_after_an_interruption_to_the_same_metrics(v
     assert metrics(resumed)["per_seed"] == metrics(whole)["per_seed"]
 
 
+def test_ridge_checkpoints_hold_features_not_the_gram_matrix_and_a_resume_rebuilds_it_exactly():
+    generator = torch.Generator().manual_seed(0)
+    dim, classes, rp_dim = 12, 6, 40
+    tasks = [(torch.randn(50, dim, generator=generator) + c, torch.full((50,), c)) for c in range(classes)]
+    whole = RidgeHead(dim, classes, rp_dim, torch.Generator().manual_seed(1))
+    states, grams = [], []
+    for task, (features, labels) in enumerate(tasks):
+        whole.update(features, labels, seed=task)
+        states.append({k: v.clone() for k, v in whole.state_dict().items()})
+        grams.append(whole.gram.clone())
+    assert all("ridge.gram" not in state and state["ridge.features"].shape == (50, dim) for state in states)
+
+    resumed = RidgeHead(dim, classes, rp_dim, torch.Generator().manual_seed(2))  # the projection comes from the checkpoint
+    for state in states[:3]:
+        resumed.load_state_dict(state)
+    assert resumed.gram is None and torch.equal(resumed.weight, states[2]["ridge.weight"])  # evaluating needs no G
+    for task in range(3, classes):
+        resumed.update(*tasks[task], seed=task)
+    assert torch.equal(resumed.gram, whole.gram) and torch.equal(resumed.weight, whole.weight)
+
+    legacy = {k: v for k, v in states[2].items() if k != "ridge.features"} | {"ridge.gram": grams[2]}  # older checkpoints held G
+    old = RidgeHead(dim, classes, rp_dim)
+    old.load_state_dict(legacy)
+    for task in range(3, classes):
+        old.update(*tasks[task], seed=task)
+    assert torch.equal(old.gram, whole.gram) and torch.equal(old.weight, whole.weight)
+
+
 def test_ridge_head_fitted_task_by_task_is_the_ridge_solution_on_all_tasks_at_once():
     generator = torch.Generator().manual_seed(0)
     dim, classes, rp_dim = 12, 6, 40

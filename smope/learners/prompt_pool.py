@@ -14,7 +14,7 @@ and ``experiments/imagenet-r.sh`` for the numbers, ``models/zoo.py`` for the blo
   new components there start orthogonal to the old ones, as they do here).
 
 Every length is a prefix length: half keys, half values. Unlike SMoPE, these methods have no
-classifier alignment in their papers, so none is applied here (``method.align`` is ignored).
+classifier alignment in their papers, so none is applied here (they do not read ``method.align*``).
 The optimiser is the harness's (AdamW, prompts at ``train.prompt_lr_scale`` x the head's
 learning rate), not the release's single-rate Adam, so every method trains under one recipe.
 """

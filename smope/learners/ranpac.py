@@ -23,7 +23,7 @@ from ..backbones import create_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from .base import Learner, TaskContext
-from .ridge import RIDGE_PREFIX, RidgeHead
+from .ridge import LEGACY_STATE, RIDGE_PREFIX, RidgeHead
 from .smope_variants import DensePromptLearner
 
 
@@ -31,6 +31,7 @@ class RanPACLearner(Learner):
     """Frozen (or first-task-adapted) features, random projection, ridge head from accumulated statistics."""
 
     name = "ranpac"
+    optional_state = LEGACY_STATE
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)

@@ -24,7 +24,7 @@ from ..runconfig import RunConfig
 from ..trainer import Trainer
 from .alignment import ClassStatistics, align_after_task
 from .base import Learner, TaskContext, cross_entropy_on
-from .ridge import RidgeHead
+from .ridge import LEGACY_STATE, RidgeHead
 
 
 def smope_config(config: RunConfig) -> SMoPEConfig:
@@ -35,7 +35,7 @@ def smope_config(config: RunConfig) -> SMoPEConfig:
 class PromptLearner(Learner):
     """Shared machinery of learners built on prompt experts plus a linear head with alignment."""
 
-    optional_state = frozenset({"class_stats.classes"})  # checkpoints from before per-task statistics
+    optional_state = frozenset({"class_stats.classes"}) | LEGACY_STATE  # checkpoints from before per-task statistics, ridge features
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
