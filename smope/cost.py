@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .learners import create_learner
-from .runconfig import MethodConfig, ModelConfig, RunConfig, TrainConfig
+from .runconfig import RunConfig, load_config
 from .vit import count_parameters
 
 # FlopCounterMode has formulas for the CUDA attention kernels only; this is the CPU one.
@@ -116,20 +116,21 @@ def flops_table(config: RunConfig, num_classes: int) -> str:
 def method_config(
     model: str,
     method: str = "smope",
-    num_experts: int = 25,
-    top_k: int = 5,
+    num_experts: int | None = None,
+    top_k: int | None = None,
     layers: list[int] | None = None,
     img_size: int | None = None,
 ) -> RunConfig:
-    """A run config that builds ``method`` on ``model`` with random weights on the CPU."""
-    method_cfg = MethodConfig(name=method, num_experts=num_experts, top_k=top_k)
-    if layers is not None:
-        method_cfg.layers = layers
-    return RunConfig(
-        model=ModelConfig(name=model, img_size=img_size, weights="none"),
-        method=method_cfg,
-        train=TrainConfig(device="cpu", progress=False),
-    )
+    """A run config that builds ``method`` on ``model`` with random weights on the CPU.
+
+    The prompt settings given (not None) are checked as a run's would be: a method that does
+    not read them refuses them, naming the key.
+    """
+    overrides = [f"method.name={method}", f"model.name={model}", "model.weights=none", "train.device=cpu", "train.progress=false"]
+    overrides += [f"method.{key}={value}" for key, value in (("num_experts", num_experts), ("top_k", top_k), ("layers", layers)) if value is not None]
+    if img_size is not None:
+        overrides.append(f"model.img_size={img_size}")
+    return load_config(None, overrides)
 
 
 def parameter_counts(config: RunConfig, num_classes: int) -> dict[str, int]:
