@@ -159,6 +159,7 @@ def test_corrupt_image_is_named(tmp_path, capsys, workers):
         ("train.min_lr=-1", "config key 'train.min_lr' must be >= 0"),
         ("data.train_per_class=0", "config key 'data.train_per_class' must be >= 1"),
         ("seeds=[0,0]", "config key 'seeds' must list at least one seed, each once"),
+        ("method.pool_size=3", "method.pool_size is not read by method.name=smope, so it would change nothing"),
         ("model.weights=WEIGHTS_FILE", "cannot load model.weights="),
         pytest.param(
             "train.device=cuda", "torch finds no CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")

@@ -52,3 +52,27 @@ def test_missing_or_broken_file(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(SmopeError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_method_key_the_chosen_method_does_not_read_is_refused_with_its_readers():
+    with pytest.raises(SmopeError) as refused:
+        load_config(None, ["method.pool_size=3"])
+    message = str(refused.value)
+    assert "method.pool_size is not read by method.name=smope" in message
+    assert "read by l2p, dualprompt, coda-prompt" in message
+    assert load_config(None, ["method.name=l2p", "method.pool_size=3"]).method.pool_size == 3
+    with pytest.raises(SmopeError, match="method.num_experts is not read by method.name=lora"):
+        load_config(None, ["method.name=lora", "method.num_experts=3"])
+
+
+def test_a_file_switched_to_another_method_keeps_only_the_keys_that_method_reads(tmp_path):
+    path = tmp_path / "smope.yaml"
+    path.write_text("method:\n  num_experts: 7\n  align_lr: 0.01\n")
+    with pytest.raises(SmopeError, match="method.num_experts is not read by method.name=lora"):
+        load_config(path, ["method.name=lora", "method.num_experts=7"])  # an override is always checked
+    slca = load_config(path, ["method.name=slca"]).method  # the file was written for smope
+    assert slca.align_lr == 0.01 and slca.num_experts == 25  # read by slca: kept; not read: back to the default
+    (tmp_path / "lora.yaml").write_text("method:\n  name: lora\n  num_experts: 7\n")
+    with pytest.raises(SmopeError, match="method.num_experts is not read"):
+        load_config(tmp_path / "lora.yaml")  # the file's own method: checked
+    assert load_config(tmp_path / "lora.yaml", strict=False).method.num_experts == 25  # a saved run's config: reset only

@@ -92,6 +92,10 @@ MUTATIONS = [
     Mutation("projection: attention mask ignored", LAYER, "bias = bias + F.pad(attn_mask, (num_prompts, 0))", "bias = bias", PROJECTIONS),
     Mutation("projection: boolean mask added as 0/1", LAYER, "if attn_mask.dtype == torch.bool:", "if False:", PROJECTIONS),
     Mutation("projection: transformers keys and values swapped", VIT, "(module.q_proj, module.k_proj, module.v_proj)", "(module.q_proj, module.v_proj, module.k_proj)", PROJECTIONS),
+    # Method keys and the ridge head's checkpoints
+    Mutation("config: unread method keys accepted", "smope/runconfig.py", "        if unread:\n            raise _unread_keys_error", "        if False:\n            raise _unread_keys_error", ["tests/test_runconfig.py"]),
+    Mutation("config: a switched file's unread keys kept", "smope/runconfig.py", "        setattr(config.method, key, getattr(default, key))", "        pass", ["tests/test_runconfig.py"]),
+    Mutation("ridge: restored features never added to G", "smope/learners/ridge.py", "        for earlier in self.pending:", "        for earlier in []:", ["tests/test_analytic_baselines.py"], ["-k", "ridge_checkpoints"]),
     # Class order (the rule is Python's random.shuffle seeded by the run's seed)
     Mutation("class order: another seed", "smope/data/scenario.py", "random.Random(seed).shuffle(order)", "random.Random(seed + 1).shuffle(order)", ["tests/test_class_order.py"]),
 ]
