@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
+from smope.cost import method_flops
 from smope.errors import SmopeError
 from smope.experiment import SeedRun, run_experiment
-from smope.cost import method_flops
 from smope.learners import LEARNERS
 from smope.runconfig import RunConfig, load_config
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .errors import SmopeError
 from .cost import method_flops
+from .errors import SmopeError
 from .report import _figure, _table_row, chance_curve, format_mean_std, load_results
 from .rundir import EXECUTION_KEYS, RunDir
 

@@ -1,7 +1,8 @@
 """Running a continual-learning experiment: tasks, evaluation, checkpoints, resume.
 
-The files a run writes and their layout belong to :class:`~smope.rundir.RunDir`. Each task starts from an RNG seeded by (seed, task), so a run resumed from a checkpoint
-ends with the same numbers as an uninterrupted one.
+The files a run writes and their layout belong to :class:`~smope.rundir.RunDir`. Each task
+starts from an RNG seeded by (seed, task), so a run resumed from a checkpoint ends with the
+same numbers as an uninterrupted one.
 
 Under ``torchrun`` every process runs this same loop on its shard of the data (see
 :mod:`smope.distributed`); only the main process writes the outputs and prints.
@@ -25,11 +26,11 @@ from .data.prepared import PreparedData, load_splits, prepare_data
 from .errors import ConfigAdviceError, SmopeError
 from .learners import Learner, TaskContext, create_learner
 from .loggers import RunLoggers, check_loggers
-from .vit import count_parameters
 from .provenance import record_seed
 from .routing import RoutingTracker, routing_metrics
-from .rundir import RunDir, log_entry, run_identity
 from .runconfig import RunConfig
+from .rundir import RunDir, log_entry, run_identity
+from .vit import count_parameters
 
 
 def task_seed(seed: int, task: int) -> int:

@@ -17,14 +17,14 @@ import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
 
 from .data import class_order, split_classes
-from .errors import SmopeError
 from .data.prepared import load_splits, split_transform
+from .errors import SmopeError
 from .experiment import load_learner_state, task_seed
 from .learners import Learner, create_learner
 from .model import SMoPEModel
 from .provenance import PROVENANCE_FILE
-from .rundir import RunDir
 from .runconfig import RunConfig
+from .rundir import RunDir
 
 
 @dataclass

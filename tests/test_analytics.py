@@ -12,8 +12,7 @@ import torch
 from matplotlib.image import imread
 
 import smope
-from smope import cli
-from smope import experiment
+from smope import cli, experiment
 from smope.backbones import create_backbone
 from smope.data import load_dataset
 from smope.experiment import task_seed

@@ -9,11 +9,10 @@ import torch
 
 from smope import cli
 from smope.checkpoint import load_checkpoint
-from smope.cost import count_flops, method_flops
+from smope.cost import count_flops, method_config, method_flops
 from smope.learners import LEARNERS, create_learner
 from smope.learners.prefix import PrefixAttention
 from smope.learners.prompt_pool import CodaPromptPool
-from smope.cost import method_config
 from smope.runconfig import load_config
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")

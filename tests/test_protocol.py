@@ -16,8 +16,7 @@ from conftest import interrupted_at
 from safetensors.torch import load_file
 
 from smope.cli import main
-from smope.learners import SMoPELearner
-from smope.learners import TaskContext
+from smope.learners import SMoPELearner, TaskContext
 from smope.learners.alignment import VARIANCE_FLOOR, ClassStatistics, align_after_task, align_head
 from smope.runconfig import load_config
 from smope.schedule import lr_multipliers

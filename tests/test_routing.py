@@ -5,11 +5,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_timm_vit
 
 import smope
 from smope.routing import RoutingTracker, normalised_entropy, set_codes, task_overlap
-
-from conftest import tiny_timm_vit
 
 EXPERTS, TOP_K, FORCED = 6, 2, (1, 3)
 

@@ -18,12 +18,11 @@ import torch
 from ..backbones import create_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
-from .alignment import ClassStatistics
 from ..vit import pooled_features
+from .alignment import ClassStatistics
 from .base import Learner, TaskContext
 from .frozen_backbone import cosine_to_means
 from .smope_variants import DensePromptLearner
-
 
 PROTOTYPES = "prototypes."  # checkpoint prefix of the merged-feature class means (the adapter keeps its own)
 

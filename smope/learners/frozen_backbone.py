@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from ..backbones import create_backbone
-from ..vit import unfreeze_classifier
 from ..runconfig import RunConfig
 from ..trainer import Trainer
+from ..vit import unfreeze_classifier
 from .alignment import ClassStatistics
 from .base import Learner, TaskContext, cross_entropy_on
 

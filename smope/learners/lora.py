@@ -7,9 +7,9 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from ..backbones import create_backbone
 from ..errors import SmopeError
-from ..vit import unfreeze_classifier
 from ..runconfig import RunConfig
 from ..trainer import Trainer
+from ..vit import unfreeze_classifier
 from .base import Learner, TaskContext, cross_entropy_on
 
 

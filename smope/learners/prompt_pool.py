@@ -29,9 +29,9 @@ from torch import nn
 
 from ..backbones import create_backbone
 from ..errors import SmopeError
-from ..vit import find_attention_blocks
 from ..runconfig import RunConfig
 from ..trainer import Trainer
+from ..vit import find_attention_blocks
 from .base import Learner, TaskContext, cross_entropy_on
 from .prefix import Prefix, PrefixPromptedModel, PromptPool, check_layers, concat_prefixes, split_prefix
 
