@@ -29,7 +29,7 @@ import torch
 from smope.cost import method_flops
 from smope.errors import SmopeError
 from smope.experiment import SeedRun, run_experiment
-from smope.learners import LEARNERS
+from smope.methods import METHODS as REGISTERED
 from smope.runconfig import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ VARIANTS = {
     "dense-prompt-ridge": ("method.name=dense-prompt", "method.head=ridge"),
     "ranpac-no-adapt": ("method.name=ranpac", "method.first_task_adapt=false"),
 }
-METHODS = [name for name, cls in LEARNERS.items() if name == cls.name] + list(VARIANTS)
+METHODS = [spec.name for spec in REGISTERED] + list(VARIANTS)
 DEFAULT_METHODS = [name for name in METHODS if name not in ("dense-prompt-ridge", "ranpac-no-adapt")]
 # One short epoch on a few images per class: checks that every method runs end to end, nothing more.
 QUICK = ("train.epochs=1", "data.train_per_class=16", "data.test_per_class=8", "train.progress=false")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from .errors import SmopeError
 from .settings import PROMPT_EXPERT_KEYS
 
 # Groups of method.* keys, by the machinery that reads them.
@@ -61,8 +62,6 @@ def method_names() -> list[str]:
 
 
 def spec_for(name: str) -> MethodSpec:
-    from .errors import SmopeError
-
     try:
         return BY_NAME[name]
     except KeyError:
