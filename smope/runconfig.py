@@ -126,6 +126,7 @@ class MethodConfig(PromptExpertSettings):
     first_task_adapt: bool = True
     # slca: learning rates of the whole backbone (the "slow learner") and of the head, SLCA's published 1e-4 and 1e-2
     # (its optimizer is SGD with momentum, so train.lr, set for SMoPE's AdamW, does not apply).
+    # slca_backbone_lr 0 freezes the backbone: a linear head with classifier alignment only.
     slca_backbone_lr: float = 1e-4
     slca_head_lr: float = 1e-2
 
@@ -337,8 +338,15 @@ def validate(config: RunConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise SmopeError(f"config key '{key}' must be >= 1, got {value}")
-    greater_than_zero = {"train.lr": config.train.lr, "train.prompt_lr_scale": config.train.prompt_lr_scale, "method.align_lr": config.method.align_lr}
+    greater_than_zero = {
+        "train.lr": config.train.lr,
+        "train.prompt_lr_scale": config.train.prompt_lr_scale,
+        "method.align_lr": config.method.align_lr,
+        "method.slca_head_lr": config.method.slca_head_lr,
+        "method.lora_lr": config.method.lora_lr,
+    }
     at_least_zero = {
+        "method.slca_backbone_lr": config.method.slca_backbone_lr,  # 0: a frozen backbone (linear head + alignment)
         "train.min_lr": config.train.min_lr,
         "train.weight_decay": config.train.weight_decay,
         "method.align_epochs": config.method.align_epochs,

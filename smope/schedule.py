@@ -21,7 +21,7 @@ def cosine_multipliers(floor: float, base_lrs: list[float], total: int, hold: in
     span = max(1, total - hold)
 
     def multiplier(base: float) -> Callable[[int], float]:
-        low = min(floor / base, 1.0)
+        low = min(floor / base, 1.0) if base > 0 else 1.0  # a zero rate stays zero (a frozen group)
 
         def at(step: int) -> float:
             if step < hold:

@@ -44,6 +44,11 @@ def test_cosine_stays_at_the_floor_past_the_assumed_end():
     assert rates[80:] == pytest.approx([1e-6] * 20)
 
 
+def test_a_zero_rate_stays_zero():
+    # A frozen group (e.g. method.slca_backbone_lr=0) next to a training one: no division by zero.
+    assert _rates("cosine", 0.0, epochs=2, loader_length=5) == [0.0] * 10
+
+
 def test_epoch_cosine_is_cubs_per_epoch_rule():
     epochs, base = 20, 0.005
     rates = _rates("epoch_cosine", base, epochs=epochs, loader_length=7)
