@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_baselines import _one_thread  # noqa: F401  (one torch thread for tiny tensors)
 
 from smope import cli, experiment
@@ -138,3 +139,19 @@ def test_flops_count_the_random_projection_and_the_second_backbone_pass():
     assert method_flops(config("ranpac", "method.first_task_adapt=false"), 10).inference.total == prototype - head + ridge
     # The frozen pass and the adapted pass, then cosine scores on the feature of twice the width.
     assert method_flops(config("aper"), 10).inference.total == (prototype - head) + (dense - head) + 2 * head
+
+
+def test_slca_with_a_zero_backbone_rate_trains_the_head_only(tmp_path):
+    out = tmp_path / "frozen"
+    cli.main(["run", TINY, f"output_dir={out}", "train.epochs=1", "method.name=slca", "method.slca_backbone_lr=0", "method.align_epochs=1"])
+    run = metrics(out)
+    assert run["parameters"]["trainable"] == run["parameters"]["head"] > 0  # no backbone weight is trained or saved
+    saved = load_file(out / "seed_0" / "task_001.safetensors")
+    assert not any(name.startswith("blocks.") for name in saved) and any(name.startswith("class_stats.") for name in saved)
+
+
+def test_negative_slca_backbone_rate_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["run", TINY, f"output_dir={tmp_path}", "method.name=slca", "method.slca_backbone_lr=-1e-4"])
+    assert stopped.value.code == 2
+    assert "method.slca_backbone_lr' must be >= 0" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import torch
 from ..backbones import create_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
+from ..vit import unfreeze_classifier
 from .alignment import ClassStatistics, align_after_task
 from .base import Learner, TaskContext, cross_entropy_on
 
@@ -40,6 +41,9 @@ class SLCALearner(Learner):
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         self.model = create_backbone(config.model, num_classes).to(self.device)
+        if config.method.slca_backbone_lr == 0:  # the ablation without the slow learner: only the head trains
+            self.model.requires_grad_(False)
+            unfreeze_classifier(self.model)
         self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
 
     @property
@@ -54,11 +58,9 @@ class SLCALearner(Learner):
             return criterion(self.model(images), labels)
 
         head_ids = {id(p) for p in self.head.parameters()}
-        backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
-        groups = [
-            {"params": backbone, "lr": self.config.method.slca_backbone_lr},
-            {"params": list(self.head.parameters()), "lr": self.config.method.slca_head_lr},
-        ]
+        backbone = [p for p in self.model.parameters() if id(p) not in head_ids and p.requires_grad]
+        groups = [{"params": backbone, "lr": self.config.method.slca_backbone_lr}] if backbone else []
+        groups.append({"params": list(self.head.parameters()), "lr": self.config.method.slca_head_lr})
         self.trainer.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}", weight_decay=WEIGHT_DECAY, optimizer=sgd)
 
     def after_task(self, ctx: TaskContext) -> None:
