@@ -158,6 +158,7 @@ class SeedRun:
                 task=task,
                 classes=self.scenario.task_classes(task),
                 seen=self.scenario.seen_classes(task),
+                task_ranges=tuple(self.scenario.task_classes(t) for t in range(task + 1)),
                 train_data=self.scenario.train_dataset(task),
                 seed=task_seed(self.seed, task),
                 all_train_data=self.scenario.all_train_dataset(),

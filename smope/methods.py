@@ -46,11 +46,14 @@ METHODS = (
     MethodSpec("coda-prompt", "prompt_pool:CodaPromptLearner", ("pool_size", "prompt_length", "prompt_layers", "ortho_weight")),
     MethodSpec("prototype", "frozen_backbone:PrototypeLearner", (), aliases=("simplecil",)),  # SimpleCIL's published name
     MethodSpec("head-only", "frozen_backbone:HeadOnlyLearner", ()),
+    MethodSpec("aligned-head", "frozen_backbone:AlignedHeadLearner", ALIGNMENT),
     MethodSpec("lora", "lora:LoRALearner", ("lora_r", "lora_alpha", "lora_lr")),
     MethodSpec("joint", "smope_variants:JointLearner", SMOPE),
     MethodSpec("ranpac", "ranpac:RanPACLearner", ("rp_dim", "first_task_adapt", *DENSE_PROMPT)),
     MethodSpec("aper", "aper:APERLearner", DENSE_PROMPT),
-    MethodSpec("slca", "slca:SLCALearner", ("slca_backbone_lr", "slca_head_lr", *ALIGNMENT)),
+    MethodSpec(
+        "slca", "slca:SLCALearner", ("slca_backbone_lr", "slca_head_lr", "slca_align_epochs", "slca_logit_norm", "align", "align_samples_per_class")
+    ),
 )
 
 BY_NAME: dict[str, MethodSpec] = {name: spec for spec in METHODS for name in (spec.name, *spec.aliases)}

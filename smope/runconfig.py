@@ -129,6 +129,10 @@ class MethodConfig(PromptExpertSettings):
     # slca_backbone_lr 0 freezes the backbone: a linear head with classifier alignment only.
     slca_backbone_lr: float = 1e-4
     slca_head_lr: float = 1e-2
+    # slca's own classifier alignment (SGD at slca_head_lr, full covariance, align_samples_per_class per class):
+    # its epochs and its logit-normalisation temperature, SLCA's published 5 and 0.1 (0: no normalisation).
+    slca_align_epochs: int = 5
+    slca_logit_norm: float = 0.1
 
 
 @dataclass
@@ -347,6 +351,8 @@ def validate(config: RunConfig) -> None:
     }
     at_least_zero = {
         "method.slca_backbone_lr": config.method.slca_backbone_lr,  # 0: a frozen backbone (linear head + alignment)
+        "method.slca_align_epochs": config.method.slca_align_epochs,
+        "method.slca_logit_norm": config.method.slca_logit_norm,
         "train.min_lr": config.train.min_lr,
         "train.weight_decay": config.train.weight_decay,
         "method.align_epochs": config.method.align_epochs,

@@ -67,11 +67,11 @@ def test_a_method_key_the_chosen_method_does_not_read_is_refused_with_its_reader
 
 def test_a_file_switched_to_another_method_keeps_only_the_keys_that_method_reads(tmp_path):
     path = tmp_path / "smope.yaml"
-    path.write_text("method:\n  num_experts: 7\n  align_lr: 0.01\n")
+    path.write_text("method:\n  num_experts: 7\n  align_samples_per_class: 64\n")
     with pytest.raises(SmopeError, match="method.num_experts is not read by method.name=lora"):
         load_config(path, ["method.name=lora", "method.num_experts=7"])  # an override is always checked
     slca = load_config(path, ["method.name=slca"]).method  # the file was written for smope
-    assert slca.align_lr == 0.01 and slca.num_experts == 25  # read by slca: kept; not read: back to the default
+    assert slca.align_samples_per_class == 64 and slca.num_experts == 25  # read by slca: kept; not read: back to the default
     (tmp_path / "lora.yaml").write_text("method:\n  name: lora\n  num_experts: 7\n")
     with pytest.raises(SmopeError, match="method.num_experts is not read"):
         load_config(tmp_path / "lora.yaml")  # the file's own method: checked

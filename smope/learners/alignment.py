@@ -104,6 +104,24 @@ class ClassStatistics:
             self.var[rows] = state[f"{prefix}var"].float()
 
 
+class KeepsClassStatistics:
+    """Learner mix-in: checkpoints hold the trainable weights and the class statistics of the task just finished.
+
+    Put it before :class:`~smope.learners.base.Learner` (or a subclass) in the bases; the learner
+    sets ``self.stats``.
+    """
+
+    stats: ClassStatistics
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**super().state_dict(), **self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.check_state(state)
+        self.stats.load_state_dict(state)
+        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("class_stats.")}, strict=False)
+
+
 def align_head(
     head: nn.Module,
     stats: ClassStatistics,

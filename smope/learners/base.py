@@ -31,6 +31,8 @@ class TaskContext:
     seen: range  # labels of tasks 0..task
     train_data: Dataset
     seed: int
+    # The classes of every task so far, this one last (SLCA's alignment treats each task's logits apart).
+    task_ranges: tuple[range, ...] = ()
     # Every task's training data, for the joint-training ceiling only (continual learners ignore it).
     all_train_data: Dataset | None = None
 

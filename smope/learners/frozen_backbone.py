@@ -1,6 +1,7 @@
-"""Floors on the frozen backbone: a nearest-class-mean classifier and sequential head tuning.
+"""Floors on the frozen backbone: a nearest-class-mean classifier, sequential head tuning, and head
+tuning with classifier alignment (SMoPE with the prompts taken away).
 
-Both only need the frozen model's pooled features (the normalised class token), which do not
+All three only need the frozen model's pooled features (the normalised class token), which do not
 change during a task, so each training image goes through the backbone once per task.
 """
 
@@ -14,7 +15,7 @@ from ..backbones import create_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from ..vit import unfreeze_classifier
-from .alignment import ClassStatistics
+from .alignment import ClassStatistics, KeepsClassStatistics, align_after_task
 from .base import Learner, TaskContext, cross_entropy_on
 
 
@@ -70,9 +71,34 @@ class HeadOnlyLearner(Learner):
         self.model = unfreeze_classifier(create_backbone(config.model, num_classes).requires_grad_(False)).to(self.device)
 
     def train_task(self, ctx: TaskContext) -> None:
-        features, labels = self.features_and_labels(ctx.train_data, self.pooled_features)
+        self.train_head(ctx, *self.features_and_labels(ctx.train_data, self.pooled_features))
+
+    def train_head(self, ctx: TaskContext, features: torch.Tensor, labels: torch.Tensor) -> None:
         head, criterion = self.model.get_classifier(), cross_entropy_on(ctx.classes)
         head.train()
         groups = [{"params": list(head.parameters()), "lr": self.config.train.lr}]
         data, epochs = TensorDataset(features, labels), self.config.train.epochs
         self.trainer.fit(groups, data, epochs, lambda x, y: criterion(head(x), y), ctx.seed, f"task {ctx.task + 1}")
+
+
+class AlignedHeadLearner(KeepsClassStatistics, HeadOnlyLearner):
+    """``head-only`` plus SMoPE's classifier alignment (``method.align*``): SMoPE without its prompts.
+
+    The ablation that says how much of a prompt method's accuracy the alignment alone gives: the
+    same head training, the same class statistics and the same alignment step, on the frozen
+    backbone. Its statistics never go stale (the features never change), which is the point of
+    comparison with methods whose prompts or weights move the features of earlier classes.
+    """
+
+    name = "aligned-head"
+
+    def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
+        super().__init__(config, num_classes, trainer)
+        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
+
+    def train_task(self, ctx: TaskContext) -> None:
+        features, labels = self.features_and_labels(ctx.train_data, self.pooled_features)
+        self.train_head(ctx, features, labels)
+        self.stats.update(features, labels)
+        if ctx.task > 0 and self.config.method.align:
+            align_after_task(self.model.get_classifier(), self.stats, ctx, self.config.method, self.config.train.batch_size, self.trainer)

@@ -2,30 +2,41 @@
 Model", ICCV 2023): sequential fine-tuning of the whole backbone, slowly, then classifier alignment.
 
 Numbers from the authors' release (github.com/GengDavid/SLCA, models/slca.py and exps/slca/*.json):
-SGD with momentum 0.9 and weight decay 5e-4, batch 128, head learning rate 0.01 and backbone
-learning rate 0.01 / 100 = 1e-4 (the "slow learner"); 20 epochs per task on CIFAR-100, 50 on
-ImageNet-R and CUB-200 (``experiments/run_baselines.sh`` sets these). The two rates are
-``method.slca_head_lr`` and ``method.slca_backbone_lr``; the schedule is the harness's
-(``train.schedule``) rather than the release's step decay. After every task the class-wise Gaussian statistics of the new classes
-are stored (from the backbone of that moment, as SLCA does) and, from the second task on, the head
-is re-trained on features sampled from them by the harness's :func:`~smope.learners.alignment.align_head`
-with the ``method.align*`` settings (SLCA: full covariance, 5 epochs, 256 samples per class, SGD at
-0.01 with logit normalisation; the harness's step is AdamW without logit normalisation).
+
+- Training: SGD with momentum 0.9 and weight decay 5e-4, batch 128, head learning rate 0.01 and
+  backbone learning rate 0.01 / 100 = 1e-4 (the "slow learner"); 20 epochs per task on CIFAR-100,
+  50 on ImageNet-R and CUB-200 (``experiments/run_baselines.sh`` sets these). The two rates are
+  ``method.slca_head_lr`` and ``method.slca_backbone_lr`` (0 freezes the backbone); the schedule
+  is the harness's (``train.schedule``) rather than the release's single step decay near the end.
+- Statistics: after every task the mean and full covariance of each new class's features, from
+  the backbone of that moment (later tasks move the backbone; the statistics stay as stored).
+- Alignment (:func:`slca_align`), from the second task on: ``method.slca_align_epochs`` (5) epochs;
+  each draws ``method.align_samples_per_class`` (256) features per seen class and makes one pass
+  over them in batches of that size (as many batches as seen classes); SGD with momentum 0.9 and
+  weight decay 5e-4 at the head's rate, cosine over epochs; every class mean scaled by
+  ``0.9 + 0.1 (t + 1) / T`` for a class of task ``t`` of the ``T`` seen so far (older classes are
+  drawn closer to the origin); logits divided by the mean over tasks of each task's logit norm and
+  by ``method.slca_logit_norm`` (0.1; 0 turns this off). This is SLCA's own step, not the harness's
+  :func:`~smope.learners.alignment.align_head`.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from ..backbones import create_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from ..vit import unfreeze_classifier
-from .alignment import ClassStatistics, align_after_task
+from .alignment import ClassStatistics, KeepsClassStatistics
 from .base import Learner, TaskContext, cross_entropy_on
 
 MOMENTUM = 0.9  # SLCA's release
 WEIGHT_DECAY = 5e-4  # SLCA's release
+OLDEST_MEAN_SCALE = 0.9  # SLCA's release: class means of the oldest task scaled towards 0.9, the newest kept at 1
 
 
 def sgd(param_groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
@@ -33,7 +44,48 @@ def sgd(param_groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=MOMENTUM, weight_decay=weight_decay)
 
 
-class SLCALearner(Learner):
+def slca_align(
+    head: torch.nn.Module,
+    stats: ClassStatistics,
+    tasks: tuple[range, ...],
+    epochs: int,
+    lr: float,
+    samples_per_class: int,
+    logit_norm: float,
+    seed: int,
+    trainer: Trainer,
+) -> None:
+    """SLCA's classifier alignment of ``head`` over the classes of ``tasks`` (every task so far, in order)."""
+    seen = range(tasks[0].start, tasks[-1].stop)
+    scale = torch.ones(seen.stop)
+    for t, classes in enumerate(tasks):
+        scale[classes.start : classes.stop] = OLDEST_MEAN_SCALE + (1 - OLDEST_MEAN_SCALE) * (t + 1) / len(tasks)
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = len(seen)
+
+    def batches(epoch: int):
+        features, labels = stats.sample(seen, samples_per_class, generator)
+        features = features + (scale[labels] - 1).unsqueeze(1) * stats.mean[labels]  # the same spread around a scaled mean
+        order = torch.randperm(len(labels), generator=generator)
+        for step in range(per_epoch):
+            batch = order[step * samples_per_class : (step + 1) * samples_per_class]
+            yield features[batch], labels[batch]
+
+    def loss_fn(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = head(features)[:, : seen.stop].float()
+        if logit_norm > 0:
+            norms = torch.stack([logits[:, c.start : c.stop].norm(dim=-1) + 1e-7 for c in tasks], dim=-1).mean(-1, keepdim=True)
+            logits = logits / norms / logit_norm
+        return F.cross_entropy(logits, labels)
+
+    groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": lr}]
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    # torch's CosineAnnealingLR over epochs, stepped once per epoch, as the release does.
+    multipliers = [lambda step: 0.5 * (1 + math.cos(math.pi * (step // per_epoch) / epochs))]
+    trainer.optimize(groups, optimizer, multipliers, epochs, per_epoch, batches, loss_fn, f"align {len(seen)} classes")
+
+
+class SLCALearner(KeepsClassStatistics, Learner):
     """Every backbone weight trains at a 100x smaller learning rate than the head; alignment fixes the head's bias."""
 
     name = "slca"
@@ -44,7 +96,7 @@ class SLCALearner(Learner):
         if config.method.slca_backbone_lr == 0:  # the ablation without the slow learner: only the head trains
             self.model.requires_grad_(False)
             unfreeze_classifier(self.model)
-        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
+        self.stats = ClassStatistics(num_classes, self.model.num_features, "full")
 
     @property
     def head(self) -> torch.nn.Module:
@@ -67,12 +119,14 @@ class SLCALearner(Learner):
         self.stats.update(*self.features_and_labels(ctx.train_data, self.pooled_features))
         method = self.config.method
         if ctx.task > 0 and method.align:
-            align_after_task(self.head, self.stats, ctx, method, self.config.train.batch_size, self.trainer)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**super().state_dict(), **self.stats.state_dict()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.check_state(state)
-        self.stats.load_state_dict(state)
-        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("class_stats.")}, strict=False)
+            slca_align(
+                self.head,
+                self.stats,
+                ctx.task_ranges,
+                method.slca_align_epochs,
+                method.slca_head_lr,
+                method.align_samples_per_class,
+                method.slca_logit_norm,
+                ctx.seed,
+                self.trainer,
+            )
