@@ -13,21 +13,21 @@
 #   slca       SLCA's release (github.com/GengDavid/SLCA, exps/slca/*.json, models/slca.py): SGD,
 #              head lr 0.01, backbone lr 1e-4, batch 128, 20 epochs on CIFAR-100 and 50 on ImageNet-R
 #              and CUB-200; its own alignment (full covariance, 5 epochs, 256 samples per class, SGD at
-#              0.01, logit normalisation 0.1: the defaults of method.slca_* and align_samples_per_class).
-#              The one difference left: the harness's cosine schedule instead of the release's single
-#              step decay (x0.1 at epoch 18 of 20, 40 of 50)
+#              0.01, logit normalisation 0.1: the defaults of method.slca_* and align_samples_per_class)
+#              and its step decay (train.schedule=step: x0.1 from epoch 18 of 20, 40 of 50)
 #   smope-ridge  SMoPE with the ridge head instead of the linear head and its alignment
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 slca_epochs() { case "$1" in cifar100_10tasks) echo 20 ;; *) echo 50 ;; esac; }
+slca_milestone() { case "$1" in cifar100_10tasks) echo 18 ;; *) echo 40 ;; esac; }
 
 for setting in cifar100_10tasks imagenet-r_10tasks cub200_10tasks; do
   config="configs/$setting.yaml"
   smope run "$config" method.name=ranpac output_dir="runs/${setting}_ranpac" "$@"
   smope run "$config" method.name=aper output_dir="runs/${setting}_aper" "$@"
   smope run "$config" method.name=simplecil output_dir="runs/${setting}_simplecil" "$@"
-  smope run "$config" method.name=slca train.batch_size=128 train.schedule=cosine \
+  smope run "$config" method.name=slca train.batch_size=128 train.schedule=step train.milestones="[$(slca_milestone "$setting")]" \
     train.epochs="$(slca_epochs "$setting")" method.align_samples_per_class=256 \
     output_dir="runs/${setting}_slca" "$@"
   smope run "$config" method.head=ridge output_dir="runs/${setting}_smope-ridge" "$@"

@@ -23,7 +23,7 @@ from .errors import InvalidSettingError, SmopeError
 from .methods import readers_of, spec_for, unread_method_keys
 from .settings import PromptExpertSettings
 
-SCHEDULES = ("cosine", "epoch_cosine")
+SCHEDULES = ("cosine", "epoch_cosine", "step")
 ALIGN_COVARIANCES = ("diag", "full")
 ALIGN_STEPS = ("old_classes", "all_samples")
 NORMALIZE_CHOICES = ("backbone", "none")
@@ -143,8 +143,11 @@ class TrainConfig:
     prompt_lr_scale: float = 5.0
     min_lr: float = 1e-6
     # Learning-rate rule per training phase: "cosine" (per iteration, from the base rate to min_lr)
-    # or "epoch_cosine" (per epoch, base x cos(99 pi e / (200 (E - 1))): the authors' CUB-200 runs).
+    # or "epoch_cosine" (per epoch, base x cos(99 pi e / (200 (E - 1))): the authors' CUB-200 runs)
+    # or "step" (the base rate, x0.1 from each of the epochs in milestones on: SLCA's release).
     schedule: str = "cosine"
+    # "step" only: 0-based epochs from which the rate is multiplied by 0.1 (SLCA: [18] of 20, [40] of 50).
+    milestones: list[int] = field(default_factory=list)
     # Iterations per epoch the cosine assumes (null: the loader's real length). The authors fix it
     # per setting; past iters_per_epoch x epochs the rate stays at min_lr.
     iters_per_epoch: int | None = None
@@ -377,6 +380,10 @@ def validate(config: RunConfig) -> None:
     ):
         if value not in choices:
             raise SmopeError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    if any(not isinstance(m, int) or m < 1 for m in config.train.milestones):
+        raise SmopeError(f"config key 'train.milestones' must be a list of epochs >= 1, got {config.train.milestones!r}")
+    if config.train.milestones and config.train.schedule != "step":
+        raise SmopeError(f"train.milestones is read only by train.schedule=step (not {config.train.schedule}): remove it, or set train.schedule=step")
     if config.train.hold_iters < 0 or (config.train.iters_per_epoch or 1) < 1:
         raise SmopeError("config keys 'train.hold_iters' must be >= 0 and 'train.iters_per_epoch' >= 1 (or null)")
     data = config.data

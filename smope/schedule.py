@@ -8,12 +8,15 @@ Two rules cover the paper's runs (docs/method.md#optimiser-and-schedule):
   the loader's real length, so a run can end its cosine early and finish at ``floor``.
 - ``epoch_cosine`` (their CUB-200 runs): constant within an epoch, ``cos(99 pi e / (200 (E - 1)))``
   of the base rate at epoch ``e`` of ``E``, which ends at 1.6% of the base.
+
+A third, ``step``, is SLCA's (torch's ``MultiStepLR`` with gamma 0.1, stepped once per epoch): the
+base rate, multiplied by 0.1 from each milestone epoch on.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def cosine_multipliers(floor: float, base_lrs: list[float], total: int, hold: int = 0) -> list[Callable[[int], float]]:
@@ -44,6 +47,16 @@ def epoch_cosine_multiplier(epochs: int, iters_per_epoch: int) -> Callable[[int]
     return at
 
 
+def step_multiplier(milestones: Sequence[int], iters_per_epoch: int) -> Callable[[int], float]:
+    """0.1 to the number of milestones at or before the iteration's (0-based) epoch."""
+
+    def at(step: int) -> float:
+        epoch = step // max(1, iters_per_epoch)
+        return 0.1 ** sum(epoch >= milestone for milestone in milestones)
+
+    return at
+
+
 def lr_multipliers(
     rule: str,
     base_lrs: list[float],
@@ -52,6 +65,7 @@ def lr_multipliers(
     floor: float,
     iters_per_epoch: int | None = None,
     hold: int = 0,
+    milestones: Sequence[int] = (),
 ) -> list[Callable[[int], float]]:
     """The multipliers of ``rule`` for a phase of ``epochs`` over a loader of ``loader_length`` batches.
 
@@ -59,5 +73,7 @@ def lr_multipliers(
     """
     if rule == "epoch_cosine":
         return [epoch_cosine_multiplier(epochs, loader_length)] * len(base_lrs)
+    if rule == "step":
+        return [step_multiplier(milestones, loader_length)] * len(base_lrs)
     total = epochs * (loader_length if iters_per_epoch is None else iters_per_epoch)
     return cosine_multipliers(floor, base_lrs, total, hold)

@@ -101,6 +101,7 @@ class Trainer:
             floor=train.min_lr,
             iters_per_epoch=train.iters_per_epoch,
             hold=train.hold_iters,
+            milestones=train.milestones,
         )
         weight_decay = train.weight_decay if weight_decay is None else weight_decay
         self.optimize(param_groups, optimizer(param_groups, weight_decay), multipliers, epochs, len(loader), lambda _: loader, loss_fn, description)

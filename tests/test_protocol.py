@@ -16,6 +16,7 @@ from conftest import interrupted_at
 from safetensors.torch import load_file
 
 from smope.cli import main
+from smope.errors import SmopeError
 from smope.learners import SMoPELearner, TaskContext
 from smope.learners.alignment import VARIANCE_FLOOR, ClassStatistics, align_after_task, align_head
 from smope.runconfig import load_config
@@ -47,6 +48,16 @@ def test_cosine_stays_at_the_floor_past_the_assumed_end():
 def test_a_zero_rate_stays_zero():
     # A frozen group (e.g. method.slca_backbone_lr=0) next to a training one: no division by zero.
     assert _rates("cosine", 0.0, epochs=2, loader_length=5) == [0.0] * 10
+
+
+def test_step_is_slcas_multistep_decay():
+    # SLCA's CIFAR-100 run: 20 epochs, x0.1 from epoch 18 on (torch's MultiStepLR stepped per epoch).
+    rates = _rates("step", 0.01, epochs=20, loader_length=3, milestones=[18])
+    assert rates[: 18 * 3] == pytest.approx([0.01] * 54) and rates[54:] == pytest.approx([0.001] * 6)
+    config = load_config(None, ["train.schedule=step", "train.milestones=[18]"])
+    assert (config.train.schedule, config.train.milestones) == ("step", [18])
+    with pytest.raises(SmopeError, match="train.milestones is read only by train.schedule=step"):
+        load_config(None, ["train.milestones=[18]"])
 
 
 def test_epoch_cosine_is_cubs_per_epoch_rule():
