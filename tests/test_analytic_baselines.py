@@ -191,3 +191,14 @@ def test_slca_alignment_is_the_releases_step():
     logits = head(x).detach()
     norms = torch.stack([logits[:, t.start : t.stop].norm(dim=-1) + 1e-7 for t in tasks], -1).mean(-1, keepdim=True)
     assert seen["loss"].item() == pytest.approx(torch.nn.functional.cross_entropy(logits / norms / 0.1, y).item(), rel=1e-5)
+
+
+def test_aligned_head_is_head_only_plus_the_alignment(tmp_path):
+    def accuracy(method: str, *extra: str) -> list[list[float]]:
+        out = tmp_path / "-".join((method, *extra))
+        cli.main(["run", TINY, f"output_dir={out}", "train.epochs=2", f"method.name={method}", *extra])
+        return metrics(out)["accuracy_matrix"]
+
+    head_only, aligned = accuracy("head-only"), accuracy("aligned-head", "method.align_epochs=2")
+    assert aligned[0] == head_only[0] and aligned[1:] != head_only[1:]  # the same first task; aligned from the second on
+    assert accuracy("aligned-head", "method.align=false") == head_only  # without the alignment it is head-only exactly

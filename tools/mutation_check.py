@@ -97,6 +97,11 @@ MUTATIONS = [
     Mutation("config: a switched file's unread keys kept", "smope/runconfig.py", "        setattr(config.method, key, getattr(default, key))", "        pass", ["tests/test_runconfig.py"]),
     Mutation("ridge: restored features never added to G", "smope/learners/ridge.py", "        for earlier in self.pending:", "        for earlier in []:", ["tests/test_analytic_baselines.py"], ["-k", "ridge_checkpoints"]),
     # Class order (the rule is Python's random.shuffle seeded by the run's seed)
+    Mutation("slca: logits not normalised in the alignment", "smope/learners/slca.py", "        if logit_norm > 0:", "        if False:", ["tests/test_analytic_baselines.py"], ["-k", "releases_step"]),
+    Mutation("slca: older class means not scaled", "smope/learners/slca.py", "features = features + (scale[labels] - 1).unsqueeze(1) * stats.mean[labels]", "features = features", ["tests/test_analytic_baselines.py"], ["-k", "releases_step"]),
+    Mutation("slca: a zero backbone rate still trains the backbone", "smope/learners/slca.py", "if config.method.slca_backbone_lr == 0:", "if False:", ["tests/test_analytic_baselines.py"], ["-k", "zero_backbone"]),
+    Mutation("aligned-head: alignment skipped", "smope/learners/frozen_backbone.py", "if ctx.task > 0 and self.config.method.align:", "if False:", ["tests/test_analytic_baselines.py"], ["-k", "aligned_head_is"]),
+    Mutation("schedule: step rule ignores its milestones", "smope/schedule.py", "return 0.1 ** sum(epoch >= milestone for milestone in milestones)", "return 1.0", ["tests/test_protocol.py"], ["-k", "step_is"]),
     Mutation("class order: another seed", "smope/data/scenario.py", "random.Random(seed).shuffle(order)", "random.Random(seed + 1).shuffle(order)", ["tests/test_class_order.py"]),
 ]
 
