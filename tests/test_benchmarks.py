@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from smope import cli
 from smope.errors import SmopeError
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_methods.py"
@@ -42,3 +43,20 @@ def test_variants_run_their_method_with_their_settings(compare_methods, tmp_path
     assert (config.method.name, config.method.head) == ("smope", "ridge")
     assert "simplecil" not in compare_methods.METHODS  # prototype under its other name: not run twice
     assert {"ranpac", "aper", "slca", "smope-ridge"} <= set(compare_methods.DEFAULT_METHODS)
+
+
+def test_feature_drift_is_zero_on_a_frozen_backbone_and_not_when_the_backbone_trains(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("feature_drift", SCRIPT.parent / "feature_drift.py")
+    feature_drift = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(feature_drift)
+    tiny = str(SCRIPT.parent.parent / "configs" / "tiny.yaml")
+    drifts = {}
+    for method in ("aligned-head", "slca"):
+        out = tmp_path / method
+        cli.main(["run", tiny, f"output_dir={out}", "train.epochs=1", f"method.name={method}", "method.align=false"])
+        drifts[method] = feature_drift.main([str(out), "--after", "2"])
+    assert drifts["aligned-head"]["cosine"] == pytest.approx(1.0) and max(drifts["aligned-head"]["mean_shift"]) < 1e-4
+    assert min(drifts["slca"]["mean_shift"]) > 1e-3 and drifts["slca"]["class_distance"] > 0
+    assert "same-image cosine" in capsys.readouterr().out
+    with pytest.raises(SmopeError, match="choose --after below 3"):
+        feature_drift.main([str(tmp_path / "slca"), "--after", "3"])
