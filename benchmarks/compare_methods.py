@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from smope.cost import method_flops
-from smope.errors import SmopeError
+from smope.errors import SmopeError, exit_on_user_error
 from smope.experiment import SeedRun, run_experiment
 from smope.methods import METHODS as REGISTERED
 from smope.runconfig import RunConfig, load_config
@@ -148,7 +148,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SmopeError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    exit_on_user_error(main)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from smope.errors import SmopeError
+from smope.errors import SmopeError, exit_on_user_error
 from smope.experiment import SeedRun
 from smope.rundir import RunDir
 
@@ -82,7 +82,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SmopeError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    exit_on_user_error(main)

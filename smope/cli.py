@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import SmopeError
+from .errors import SmopeError, exit_on_user_error
 
 # The default experiment, shipped inside the package so `smope run` works from any folder
 # (configs/demo.yaml in the repository links to it).
@@ -29,14 +29,6 @@ def _summary(metrics: dict, out: str) -> str:
     lines.append(f"  trainable parameters: {metrics['trainable_parameters']:,d}")
     lines.append(f"  outputs: {out}/ (metrics.json, metrics.csv, log.jsonl, config.yaml, seed_*/task_*.safetensors)")
     return "\n".join(lines)
-
-
-def one_line(exc: SmopeError) -> str:
-    """The message of ``exc``; raised in a DataLoader worker, torch re-raises it with the worker's traceback prepended."""
-    text = str(exc)
-    if "\nOriginal Traceback" in text:
-        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
-    return text
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -185,11 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except SmopeError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    exit_on_user_error(lambda: args.func(args))
 
 
 if __name__ == "__main__":

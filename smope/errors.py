@@ -6,6 +6,11 @@ problem and the fix. The CLI prints the message alone and exits non-zero; librar
 catch it like any other exception.
 """
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
 
 class SmopeError(Exception):
     """A problem the user can fix; the message says how."""
@@ -31,3 +36,20 @@ class MissingExtraError(SmopeError, ImportError):
             f"{purpose} needs the package '{package}', which is not installed. "
             f"Install it with: pip install 'smope[{extra}]'  (or: pip install {package})"
         )
+
+
+def one_line(exc: SmopeError) -> str:
+    """The message of ``exc``; raised in a DataLoader worker, torch re-raises it with the worker's traceback prepended."""
+    text = str(exc)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def exit_on_user_error(main: Callable[[], object]) -> None:
+    """Run ``main``; a :class:`SmopeError` becomes one ``error: ...`` line on stderr and exit status 2 (CLI and scripts)."""
+    try:
+        main()
+    except SmopeError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
