@@ -6,8 +6,9 @@ Numbers from the authors' release (github.com/GengDavid/SLCA, models/slca.py and
 - Training: SGD with momentum 0.9 and weight decay 5e-4, batch 128, head learning rate 0.01 and
   backbone learning rate 0.01 / 100 = 1e-4 (the "slow learner"); 20 epochs per task on CIFAR-100,
   50 on ImageNet-R and CUB-200 (``experiments/run_baselines.sh`` sets these). The two rates are
-  ``method.slca_head_lr`` and ``method.slca_backbone_lr`` (0 freezes the backbone); the schedule
-  is the harness's (``train.schedule``) rather than the release's single step decay near the end.
+  ``method.slca_head_lr`` and ``method.slca_backbone_lr`` (0 freezes the backbone). The schedule
+  is ``train.schedule``; the release's is ``step`` with ``train.milestones`` [18] of 20 epochs and
+  [40] of 50 (``run_baselines.sh`` sets them).
 - Statistics: after every task the mean and full covariance of each new class's features, from
   the backbone of that moment (later tasks move the backbone; the statistics stay as stored).
 - Alignment (:func:`slca_align`), from the second task on: ``method.slca_align_epochs`` (5) epochs;
@@ -23,6 +24,7 @@ Numbers from the authors' release (github.com/GengDavid/SLCA, models/slca.py and
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,8 @@ def slca_align(
     trainer: Trainer,
 ) -> None:
     """SLCA's classifier alignment of ``head`` over the classes of ``tasks`` (every task so far, in order)."""
+    if epochs < 1:
+        return
     seen = range(tasks[0].start, tasks[-1].stop)
     scale = torch.ones(seen.stop)
     for t, classes in enumerate(tasks):
@@ -63,7 +67,7 @@ def slca_align(
     generator = torch.Generator().manual_seed(seed)
     per_epoch = len(seen)
 
-    def batches(epoch: int):
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         features, labels = stats.sample(seen, samples_per_class, generator)
         features = features + (scale[labels] - 1).unsqueeze(1) * stats.mean[labels]  # the same spread around a scaled mean
         order = torch.randperm(len(labels), generator=generator)
