@@ -30,8 +30,6 @@ PROTOTYPES = "prototypes."  # checkpoint prefix of the merged-feature class mean
 class APERLearner(Learner):
     """Cosine prototypes on the concatenation of the frozen and the first-task-adapted model's features."""
 
-    name = "aper"
-
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         self.adapter = DensePromptLearner(replace(config, method=replace(config.method, head="linear")), num_classes, self.trainer)

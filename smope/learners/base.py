@@ -55,7 +55,6 @@ class Learner:
     and feature passes are the :attr:`trainer`'s.
     """
 
-    name = "base"
     optional_state: frozenset[str] = frozenset()  # checkpoint entries older versions did not write
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
@@ -108,7 +107,7 @@ class Learner:
         )
         if problems:
             raise SmopeError(
-                f"checkpoint does not fit this {self.name} model ({problems}): it was written by another method, "
+                f"checkpoint does not fit this {self.config.method.name} model ({problems}): it was written by another method, "
                 "configuration or version; delete it to rerun that task"
             )
 

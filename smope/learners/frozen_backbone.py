@@ -34,7 +34,6 @@ class PrototypeLearner(Learner):
     method must beat.
     """
 
-    name = "prototype"
     optional_state = frozenset({"class_stats.classes"})  # checkpoints from before per-task statistics
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
@@ -64,8 +63,6 @@ class HeadOnlyLearner(Learner):
     every learner) on features computed once per task; nothing protects old classes.
     """
 
-    name = "head-only"
-
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         self.model = unfreeze_classifier(create_backbone(config.model, num_classes).requires_grad_(False)).to(self.device)
@@ -89,8 +86,6 @@ class AlignedHeadLearner(KeepsClassStatistics, HeadOnlyLearner):
     backbone. Its statistics never go stale (the features never change), which is the point of
     comparison with methods whose prompts or weights move the features of earlier classes.
     """
-
-    name = "aligned-head"
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)

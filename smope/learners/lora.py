@@ -23,8 +23,6 @@ class LoRALearner(Learner):
     LoRA matrices and the head (the trainable parameters, via :meth:`Learner.state_dict`).
     """
 
-    name = "lora"
-
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         method = config.method

@@ -230,7 +230,7 @@ class PromptPoolLearner(Learner):
         """``method.pool_size``, checked to hold at least one prompt per task."""
         size, tasks = self.positive("pool_size"), self.config.data.num_tasks
         if size < tasks:
-            raise SmopeError(f"config key 'method.pool_size'={size} must be at least data.num_tasks={tasks} for {self.name}")
+            raise SmopeError(f"config key 'method.pool_size'={size} must be at least data.num_tasks={tasks} for {self.config.method.name}")
         return size
 
     def param_groups(self) -> list[dict]:
@@ -256,7 +256,6 @@ class PromptPoolLearner(Learner):
 
 
 class L2PLearner(PromptPoolLearner):
-    name = "l2p"
     published = {"pool_size": 30, "prompt_length": 20, "prompt_layers": [0], "pool_top_k": 5}
 
     def build_pool(self, shape: BackboneShape) -> PromptPool:
@@ -268,7 +267,6 @@ class L2PLearner(PromptPoolLearner):
 
 
 class DualPromptLearner(PromptPoolLearner):
-    name = "dualprompt"
     published = {"pool_size": 10, "prompt_length": 20, "prompt_layers": [2, 3, 4], "g_prompt_length": 6, "g_prompt_layers": [0, 1]}
 
     def build_pool(self, shape: BackboneShape) -> PromptPool:
@@ -290,7 +288,6 @@ class DualPromptLearner(PromptPoolLearner):
 
 
 class CodaPromptLearner(PromptPoolLearner):
-    name = "coda-prompt"
     published = {"pool_size": 100, "prompt_length": 8, "prompt_layers": [0, 1, 2, 3, 4], "ortho_weight": 0.1}
 
     def build_pool(self, shape: BackboneShape) -> PromptPool:

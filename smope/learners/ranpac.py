@@ -30,7 +30,6 @@ from .smope_variants import DensePromptLearner
 class RanPACLearner(Learner):
     """Frozen (or first-task-adapted) features, random projection, ridge head from accumulated statistics."""
 
-    name = "ranpac"
     optional_state = LEGACY_STATE
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:

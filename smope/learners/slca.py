@@ -92,8 +92,6 @@ def slca_align(
 class SLCALearner(KeepsClassStatistics, Learner):
     """Every backbone weight trains at a 100x smaller learning rate than the head; alignment fixes the head's bias."""
 
-    name = "slca"
-
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         self.model = create_backbone(config.model, num_classes).to(self.device)

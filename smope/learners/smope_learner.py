@@ -118,8 +118,6 @@ class PromptLearner(Learner):
 class SMoPELearner(PromptLearner):
     """Sparse prompt experts with adaptive noise, router and prototype losses."""
 
-    name = "smope"
-
     def train_task(self, ctx: TaskContext) -> None:
         if ctx.task > 0:
             begin_task(self.model)

@@ -19,8 +19,6 @@ class DensePromptLearner(PromptLearner):
     classifier alignment is kept, so the comparison with ``smope`` isolates the sparsity.
     """
 
-    name = "dense-prompt"
-
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         set_mode(self.model, "dense")
@@ -37,8 +35,6 @@ class JointLearner(SMoPELearner):
     seen so far, so earlier rows are easier and its "forgetting" only reflects that restriction.
     The last row is the joint-training accuracy over all classes.
     """
-
-    name = "joint"
 
     def joint_context(self, ctx: TaskContext) -> TaskContext:
         if ctx.all_train_data is None:
