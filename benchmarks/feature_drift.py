@@ -29,7 +29,7 @@ from smope.experiment import SeedRun
 from smope.rundir import RunDir
 
 
-def test_features(run: SeedRun, task: int, after: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def features_of_test_images(run: SeedRun, task: int, after: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of ``task``'s test images with the learner restored to the end of ``after``.
 
     ``first``: the learner already holds the state after task ``first - 1``.
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SmopeError(f"seed {seed} of {args.run_dir} has {finished} finished task(s) (0..{finished - 1}); choose --after below {finished}")
     run = SeedRun(config, seed, run_dir)
     run.build()
-    before_features, labels = test_features(run, args.task, args.task)
-    after_features, _ = test_features(run, args.task, after, first=args.task + 1)
+    before_features, labels = features_of_test_images(run, args.task, args.task)
+    after_features, _ = features_of_test_images(run, args.task, after, first=args.task + 1)
     result = drift(before_features, after_features, labels)
     shifts = ", ".join(f"{c}: {s:.2f}" for c, s in zip(result["classes"], result["mean_shift"]))
     print(f"{config.method.name}, seed {seed}, task {args.task}'s test images, after task {args.task} -> after task {after}:")
