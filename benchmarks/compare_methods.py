@@ -44,7 +44,7 @@ VARIANTS = {
     # SLCA without its slow learner: frozen backbone, linear head, the same classifier alignment.
     "slca-frozen": ("method.name=slca", "method.slca_backbone_lr=0"),
 }
-# Variants run only when --methods names them (the README's table lists them explicitly).
+# Variants run only when --methods names them (docs/results.md's table lists them explicitly).
 ON_REQUEST = ("dense-prompt-ridge", "ranpac-no-adapt", "slca-frozen")
 METHODS = [spec.name for spec in REGISTERED] + list(VARIANTS)
 DEFAULT_METHODS = [name for name in METHODS if name not in ON_REQUEST]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The baselines of README "Published numbers" in the paper settings: ViT-B/16 (augreg_in21k), 10 tasks
+# The baselines of docs/results.md "Published numbers" in the paper settings: ViT-B/16 (augreg_in21k), 10 tasks
 # of CIFAR-100, ImageNet-R and CUB-200, the same data, splits, seeds and metrics as SMoPE's runs
 # (configs/<setting>.yaml). Each run goes to runs/<setting>_<method>; a stopped script resumes.
 #

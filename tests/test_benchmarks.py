@@ -43,7 +43,7 @@ def test_variants_run_their_method_with_their_settings(compare_methods, tmp_path
     assert (config.method.name, config.method.head) == ("smope", "ridge")
     assert "simplecil" not in compare_methods.METHODS  # prototype under its other name: not run twice
     assert {"ranpac", "aper", "slca", "smope-ridge"} <= set(compare_methods.DEFAULT_METHODS)
-    assert {"slca-frozen", "ranpac-no-adapt"}.isdisjoint(compare_methods.DEFAULT_METHODS)  # on request only, as the README says
+    assert {"slca-frozen", "ranpac-no-adapt"}.isdisjoint(compare_methods.DEFAULT_METHODS)  # on request only, as docs/results.md says
 
 
 def test_feature_drift_is_zero_on_a_frozen_backbone_and_not_when_the_backbone_trains(tmp_path, capsys):
