@@ -44,6 +44,11 @@ METHODS = (
         "dualprompt", "prompt_pool:DualPromptLearner", ("pool_size", "prompt_length", "prompt_layers", "g_prompt_length", "g_prompt_layers")
     ),
     MethodSpec("coda-prompt", "prompt_pool:CodaPromptLearner", ("pool_size", "prompt_length", "prompt_layers", "ortho_weight")),
+    MethodSpec(
+        "vq-prompt",
+        "vq_prompt:VQPromptLearner",
+        ("pool_size", "prompt_length", "prompt_layers", "vq_temperature", "vq_loss_weight", "vq_commit_weight", *ALIGNMENT),
+    ),
     MethodSpec("prototype", "frozen_backbone:PrototypeLearner", (), aliases=("simplecil",)),  # SimpleCIL's published name
     MethodSpec("head-only", "frozen_backbone:HeadOnlyLearner", ()),
     MethodSpec("aligned-head", "frozen_backbone:AlignedHeadLearner", ALIGNMENT),

@@ -95,7 +95,7 @@ class MethodConfig(PromptExpertSettings):
     # classes from earlier tasks, each on one batch of align_samples_per_class sampled features.
     # "all_samples": one pass over every sampled feature in batches of train.batch_size.
     align_steps: str = "old_classes"
-    # Prompt-pool baselines (l2p, dualprompt, coda-prompt). null = the method's published default,
+    # Prompt-pool baselines (l2p, dualprompt, coda-prompt, vq-prompt). null = the method's published default,
     # i.e. CODA-Prompt's release (smope/learners/prompt_pool.py cites each number).
     # Prompts in the pool: L2P++ 30, DualPrompt 10 E-prompts (one per task), CODA-Prompt 100 components.
     pool_size: int | None = None
@@ -110,6 +110,11 @@ class MethodConfig(PromptExpertSettings):
     g_prompt_layers: list[int] | None = None
     # Weight of CODA-Prompt's orthogonality penalty on keys, attention vectors and components (0.1).
     ortho_weight: float | None = None
+    # VQ-Prompt (vq-prompt; shares pool_size 10, prompt_length 8, prompt_layers [0-4] above): softmax temperature
+    # of the prompt weights (1; 5 on CUB-200) and the weights of its quantisation and commitment losses (0.4, 0.1).
+    vq_temperature: float | None = None
+    vq_loss_weight: float | None = None
+    vq_commit_weight: float | None = None
     # LoRA baseline (method.name=lora) on the attention qkv projections: rank and scaling alpha.
     lora_r: int = 8
     lora_alpha: int = 16
