@@ -19,7 +19,7 @@ from .settings import PROMPT_EXPERT_KEYS
 ALIGNMENT = ("align", "align_epochs", "align_lr", "align_samples_per_class", "align_covariance", "align_steps")
 HEAD = ("head", "rp_dim")  # the prompt learners' linear (aligned) or ridge head
 DENSE_PROMPT = ("num_experts", "top_k", "layers", "init")  # a prompt in dense mode: no routing, noise or routing losses
-SMOPE = (*PROMPT_EXPERT_KEYS, "warmup_epochs", *ALIGNMENT, *HEAD)
+SMOPE = (*PROMPT_EXPERT_KEYS, "after_task_eval_noise", "warmup_epochs", *ALIGNMENT, *HEAD)
 
 
 @dataclass(frozen=True)

