@@ -42,7 +42,7 @@ def test_variants_run_their_method_with_their_settings(compare_methods, tmp_path
     config = compare_methods.run_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", "smope-ridge", [0], tmp_path, [])
     assert (config.method.name, config.method.head) == ("smope", "ridge")
     assert "simplecil" not in compare_methods.METHODS  # prototype under its other name: not run twice
-    assert {"ranpac", "aper", "slca", "smope-ridge"} <= set(compare_methods.DEFAULT_METHODS)
+    assert {"ranpac", "aper", "slca", "smope-ridge", "vq-prompt"} <= set(compare_methods.DEFAULT_METHODS)
     assert {"slca-frozen", "ranpac-no-adapt"}.isdisjoint(compare_methods.DEFAULT_METHODS)  # on request only, as the README says
 
 
