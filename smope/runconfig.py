@@ -406,6 +406,12 @@ def validate(config: RunConfig) -> None:
         raise SmopeError(f"train.milestones is read only by train.schedule=step (not {config.train.schedule}): remove it, or set train.schedule=step")
     if config.train.schedule_lag and config.train.schedule == "step":
         raise SmopeError("train.schedule_lag is the SMoPE release's cosine schedulers' quirk, not read by train.schedule=step: remove it")
+    method = config.method
+    if (method.vq_temperature is not None and method.vq_temperature <= 0) or min(method.vq_loss_weight or 0, method.vq_commit_weight or 0) < 0:
+        raise SmopeError(
+            "config keys 'method.vq_temperature' must be > 0 and 'method.vq_loss_weight', 'method.vq_commit_weight' >= 0, "
+            f"got {method.vq_temperature}, {method.vq_loss_weight}, {method.vq_commit_weight}"
+        )
     if (config.method.after_task_eval_noise or 0) < 0:
         raise SmopeError(f"config key 'method.after_task_eval_noise' must be >= 0 or null, got {config.method.after_task_eval_noise}")
     check_pool_size(config)

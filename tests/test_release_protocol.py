@@ -130,6 +130,8 @@ def test_per_task_pool_smaller_than_the_tasks_is_refused_at_load(capsys):
         main(["run", TINY, "--dry-run", "method.name=dualprompt", "data.num_tasks=20"])  # published pool: 10
     assert stopped.value.code == 2 and "must be at least data.num_tasks=20 for dualprompt" in capsys.readouterr().err
     load_config(None, ["method.name=vq-prompt", "data.num_tasks=20"])  # VQ-Prompt's pool is shared, not per task
+    with pytest.raises(SmopeError, match="'method.vq_temperature' must be > 0"):
+        load_config(None, ["method.name=vq-prompt", "method.vq_temperature=0"])
 
 
 @pytest.mark.parametrize("name", PAPER)

@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SmopeError
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from .alignment import ClassStatistics, KeepsClassStatistics, align_after_task
@@ -94,19 +93,12 @@ class VQPromptLearner(KeepsClassStatistics, PromptPoolLearner):
         self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
 
     def build_pool(self, shape: BackboneShape) -> PromptPool:
-        temperature = self.setting("vq_temperature")
-        weights = (self.setting("vq_loss_weight"), self.setting("vq_commit_weight"))
-        if temperature <= 0 or min(weights) < 0:
-            raise SmopeError(
-                f"config keys 'method.vq_temperature' must be > 0 and 'method.vq_loss_weight', 'method.vq_commit_weight' >= 0, "
-                f"got {temperature}, {weights[0]}, {weights[1]}"
-            )
         return VQPromptPool(
             layers=self.layers("prompt_layers", shape),
             pool_size=self.positive("pool_size"),
             length=self.prompt_length("prompt_length"),
-            temperature=temperature,
-            weights=weights,
+            temperature=self.setting("vq_temperature"),  # ranges checked when the config loads
+            weights=(self.setting("vq_loss_weight"), self.setting("vq_commit_weight")),
             width=shape.width,
             query_dim=shape.query_dim,
         )
