@@ -41,7 +41,15 @@ def _timm_model(name: str, pretrained: bool, **kwargs) -> nn.Module:
 
 
 def create_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
-    """A timm model with a fresh ``num_classes`` head and the weights ``config.weights`` names."""
+    """A timm model with a fresh ``num_classes`` head (initialised as ``config.head_init`` says) and the weights ``config.weights`` names."""
+    model = _weighted_backbone(config, num_classes)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if config.head_init == "torch" and isinstance(head, nn.Linear):
+        head.reset_parameters()  # a plain nn.Linear's init (uniform), as the SMoPE and VQ-Prompt releases build their head
+    return model
+
+
+def _weighted_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
     _check_model_name(config.name)
     kwargs = dict(config.kwargs)
     if config.img_size is not None:

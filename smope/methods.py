@@ -19,7 +19,7 @@ from .settings import PROMPT_EXPERT_KEYS
 ALIGNMENT = ("align", "align_epochs", "align_lr", "align_samples_per_class", "align_covariance", "align_steps")
 HEAD = ("head", "rp_dim")  # the prompt learners' linear (aligned) or ridge head
 DENSE_PROMPT = ("num_experts", "top_k", "layers", "init")  # a prompt in dense mode: no routing, noise or routing losses
-SMOPE = (*PROMPT_EXPERT_KEYS, "warmup_epochs", *ALIGNMENT, *HEAD)
+SMOPE = (*PROMPT_EXPERT_KEYS, "after_task_eval_noise", "warmup_epochs", *ALIGNMENT, *HEAD)
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,11 @@ METHODS = (
         "dualprompt", "prompt_pool:DualPromptLearner", ("pool_size", "prompt_length", "prompt_layers", "g_prompt_length", "g_prompt_layers")
     ),
     MethodSpec("coda-prompt", "prompt_pool:CodaPromptLearner", ("pool_size", "prompt_length", "prompt_layers", "ortho_weight")),
+    MethodSpec(
+        "vq-prompt",
+        "vq_prompt:VQPromptLearner",
+        ("pool_size", "prompt_length", "prompt_layers", "vq_temperature", "vq_loss_weight", "vq_commit_weight", *ALIGNMENT),
+    ),
     MethodSpec("prototype", "frozen_backbone:PrototypeLearner", (), aliases=("simplecil",)),  # SimpleCIL's published name
     MethodSpec("head-only", "frozen_backbone:HeadOnlyLearner", ()),
     MethodSpec("aligned-head", "frozen_backbone:AlignedHeadLearner", ALIGNMENT),

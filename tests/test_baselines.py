@@ -27,8 +27,9 @@ TINY_SCALE = {
     "l2p": ["method.prompt_length=4", "train.epochs=20"],
     "dualprompt": ["method.prompt_length=4", "method.g_prompt_length=2", "method.g_prompt_layers=[0]", "method.prompt_layers=[1]"],
     "coda-prompt": ["method.prompt_layers=[0, 1]"],
+    "vq-prompt": ["method.prompt_layers=[0, 1]"],
 }
-TWO_PASS = ("l2p", "dualprompt", "coda-prompt")
+TWO_PASS = ("l2p", "dualprompt", "coda-prompt", "vq-prompt")
 
 
 @pytest.fixture(autouse=True, scope="module")

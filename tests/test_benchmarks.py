@@ -42,7 +42,7 @@ def test_variants_run_their_method_with_their_settings(compare_methods, tmp_path
     config = compare_methods.run_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", "smope-ridge", [0], tmp_path, [])
     assert (config.method.name, config.method.head) == ("smope", "ridge")
     assert "simplecil" not in compare_methods.METHODS  # prototype under its other name: not run twice
-    assert {"ranpac", "aper", "slca", "smope-ridge"} <= set(compare_methods.DEFAULT_METHODS)
+    assert {"ranpac", "aper", "slca", "smope-ridge", "vq-prompt"} <= set(compare_methods.DEFAULT_METHODS)
     assert {"slca-frozen", "ranpac-no-adapt"}.isdisjoint(compare_methods.DEFAULT_METHODS)  # on request only, as docs/results.md says
 
 
@@ -61,3 +61,23 @@ def test_feature_drift_is_zero_on_a_frozen_backbone_and_not_when_the_backbone_tr
     assert "same-image cosine" in capsys.readouterr().out
     with pytest.raises(SmopeError, match="choose --after below 3"):
         feature_drift.main([str(tmp_path / "slca"), "--after", "3"])
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prompt_choice_counts_every_test_image_once_per_block(tmp_path, finished_run):
+    prompt_choice = load_script("prompt_choice")
+    out = tmp_path / "vq"
+    tiny = str(SCRIPT.parent.parent / "configs" / "tiny.yaml")
+    cli.main(["run", tiny, f"output_dir={out}", "method.name=vq-prompt", "method.prompt_layers=[0, 1]", "train.epochs=1", "data.test_per_class=5"])
+    choices = prompt_choice.main([str(out), "--json"])
+    assert choices["blocks"] == [0, 1] and len(choices["counts"]) == 3
+    test_sizes = [20, 15, 15]  # 4, 3 and 3 classes of 5 test images
+    assert [[sum(row) for row in task] for task in choices["counts"]] == [[n, n] for n in test_sizes]
+    with pytest.raises(SmopeError, match="is a smope run: its learner does not snap to pool prompts"):
+        prompt_choice.main([str(finished_run)])

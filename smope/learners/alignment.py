@@ -23,12 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runconfig import RunConfig, TrainConfig
-from ..schedule import cosine_multipliers
+from ..schedule import cosine_multipliers, lagged
 from ..trainer import Trainer
 
 if TYPE_CHECKING:
     from ..runconfig import MethodConfig
     from .base import TaskContext
+
+RELEASE_ALIGN_START = 10.0
+"""The releases' alignment optimiser is built at ``--ca_lr`` (1e-4), ten times its cosine's base ``ca_lr / 10``."""
 
 VARIANCE_FLOOR = 1e-4
 """Added to every variance (diag) or to the covariance's diagonal (full) before sampling."""
@@ -135,6 +138,7 @@ def align_head(
     weight_decay: float = 5e-4,
     iterations_per_epoch: int | None = None,
     trainer: Trainer | None = None,
+    lag: bool = False,
 ) -> None:
     """Retrain ``head`` on freshly sampled features each epoch (AdamW, per-iteration cosine to ``min_lr``).
 
@@ -142,7 +146,9 @@ def align_head(
     them; it then runs ``iterations_per_epoch`` batches of ``batch_size`` (None: all of them).
     The authors' rule is one batch of ``samples_per_class`` per class of earlier tasks. The
     steps run through ``trainer`` (the run's precision, progress bar and divergence guard); by
-    default a plain fp32 trainer on the head's device.
+    default a plain fp32 trainer on the head's device. ``lag`` (``train.schedule_lag``): the
+    authors' scheduler, one step late, whose first step runs at the optimiser's starting rate,
+    :data:`RELEASE_ALIGN_START` x ``lr``.
     """
     if trainer is None:
         trainer = Trainer(RunConfig(train=TrainConfig(device=str(next(head.parameters()).device), progress=False)))
@@ -163,6 +169,8 @@ def align_head(
 
     head.train()
     multipliers = cosine_multipliers(min_lr, [lr], max(1, epochs * per_epoch))
+    if lag:
+        multipliers = [lagged(m, start=RELEASE_ALIGN_START) for m in multipliers]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     trainer.optimize(groups, optimizer, multipliers, epochs, per_epoch, batches, loss_fn, f"align {len(seen)} classes")
 
@@ -187,4 +195,5 @@ def align_after_task(
         seed=ctx.seed,
         iterations_per_epoch=ctx.classes.start if authors_rule else None,
         trainer=trainer,
+        lag=trainer is not None and trainer.config.train.schedule_lag,
     )

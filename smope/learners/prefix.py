@@ -11,6 +11,9 @@ A prompt of length L lives directly in a layer's key/value space, after the froz
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,13 +124,24 @@ class PrefixPromptedModel(nn.Module):
         """The prompt-free pass's final normalised class token (no prefix is set outside :meth:`forward`)."""
         return pooled_features(self.backbone, images)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    @contextmanager
+    def prompted_pass(self, images: torch.Tensor) -> Iterator[None]:
+        """Within the block the prompted blocks carry the pool's prefixes for ``images``."""
         query = self.query(images) if self.pool.needs_query() else None
         prefixes, self.aux_loss = self.pool(query, len(images))
         for index, layer in self.prompted.items():
             layer.prefix = prefixes.get(index)
         try:
-            return self.backbone(images)
+            yield
         finally:
             for layer in self.prompted.values():
                 layer.prefix = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with self.prompted_pass(images):
+            return self.backbone(images)
+
+    def prompted_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The prompted pass's normalised class token: what the head sees (class statistics, alignment)."""
+        with self.prompted_pass(images):
+            return pooled_features(self.backbone, images)

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..backbones import create_backbone
 from ..errors import SmopeError
-from ..runconfig import RunConfig
+from ..runconfig import RunConfig, check_pool_size
 from ..trainer import Trainer
 from ..vit import find_attention_blocks
 from .base import Learner, TaskContext, cross_entropy_on
@@ -227,11 +227,9 @@ class PromptPoolLearner(Learner):
         return check_layers(f"method.{key}", self.setting(key), shape.num_blocks)
 
     def pool_per_task(self) -> int:
-        """``method.pool_size``, checked to hold at least one prompt per task."""
-        size, tasks = self.positive("pool_size"), self.config.data.num_tasks
-        if size < tasks:
-            raise SmopeError(f"config key 'method.pool_size'={size} must be at least data.num_tasks={tasks} for {self.config.method.name}")
-        return size
+        """``method.pool_size``, checked to hold at least one prompt per task (as the config's load does)."""
+        check_pool_size(self.config)
+        return self.positive("pool_size")
 
     def param_groups(self) -> list[dict]:
         lr = self.config.train.lr

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -20,11 +23,25 @@ from ..model import (
     prompted_layers,
     set_mode,
 )
-from ..runconfig import RunConfig
+from ..runconfig import MethodConfig, RunConfig
 from ..trainer import Trainer
 from .alignment import ClassStatistics, align_after_task
 from .base import Learner, TaskContext, cross_entropy_on
 from .ridge import LEGACY_STATE, RidgeHead
+
+
+@contextmanager
+def after_task_noise(model: nn.Module, method: MethodConfig) -> Iterator[None]:
+    """Within the block every prompted layer routes with ``method.after_task_eval_noise`` (null: ``method.eval_noise``)."""
+    layers = prompted_layers(model)
+    noise = method.eval_noise if method.after_task_eval_noise is None else method.after_task_eval_noise
+    for layer in layers:
+        layer.eval_noise = noise
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.eval_noise = method.eval_noise
 
 
 def smope_config(config: RunConfig) -> SMoPEConfig:
@@ -69,18 +86,14 @@ class PromptLearner(Learner):
         """Usage pass, then class statistics with the final counts, then classifier alignment.
 
         Two sweeps, not one: evaluation-mode routing reads the usage counts, so statistics taken
-        while the counts still grow would depend on the order of the batches.
+        while the counts still grow would depend on the order of the batches. Both route with
+        ``method.after_task_eval_noise`` (docs/method.md#after-task-passes).
         """
-
-        def usage_only(images: torch.Tensor) -> torch.Tensor:
-            self.model(images)
-            accumulate_usage(self.model)
-            return images.new_empty(len(images), 0)
-
-        usage_before = expert_usage(self.model)
-        self.features_and_labels(ctx.train_data, usage_only)
-        self.merge_usage(usage_before)
-        features, labels = self.features_and_labels(ctx.train_data, self.pooled_features)
+        with after_task_noise(self.model, self.config.method):
+            usage_before = expert_usage(self.model)
+            self.usage_pass(ctx)
+            self.merge_usage(usage_before)
+            features, labels = self.features_and_labels(ctx.train_data, self.pooled_features)
         self.stats.update(features, labels)
         if self.ridge is not None:  # method.head=ridge: the analytic head replaces the trained one and its alignment
             self.ridge.update(features, labels, ctx.seed)
@@ -88,6 +101,27 @@ class PromptLearner(Learner):
         method = self.config.method
         if ctx.task > 0 and method.align:
             align_after_task(self.head, self.stats, ctx, method, self.config.train.batch_size, self.trainer)
+
+    def usage_pass(self, ctx: TaskContext) -> None:
+        """One eval-mode sweep over the task's training images that adds each batch's top-K experts to the counts.
+
+        The counts grow batch by batch, so the order matters: by default the unshuffled images at
+        ``train.eval_batch_size``; with ``train.drop_last`` the release's, the shuffled training
+        batches without the last partial one.
+        """
+
+        def usage_only(images: torch.Tensor) -> torch.Tensor:
+            self.model(images)
+            accumulate_usage(self.model)
+            return images.new_empty(len(images), 0)
+
+        if not self.config.train.drop_last:
+            self.features_and_labels(ctx.train_data, usage_only)
+            return
+        self.model.eval()
+        with torch.no_grad(), self.trainer.autocast():
+            for images, _ in self.trainer.loader(ctx.train_data, self.config.train.batch_size, shuffle=True, seed=ctx.seed):
+                usage_only(images.to(self.device))
 
     def merge_usage(self, before: torch.Tensor) -> None:
         """Add up the usage counts that each process of a data-parallel run collected on its shard."""
