@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from test_precision import _one_thread  # noqa: F401  (one torch thread for tiny tensors)
+
 from smope import layer as layer_module
 from smope.errors import SmopeError
 from smope.experiment import with_resolved_precision
@@ -22,14 +24,6 @@ from smope.runconfig import load_config
 from smope.trainer import resolve_precision
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
