@@ -9,6 +9,9 @@ holds the whole (small) trainable state and sees a shard of every pass over the 
 * passes whose results are summed or gathered afterwards (evaluation counts, features for
   class statistics, expert usage) visit each sample exactly once over all processes.
 
+With ``train.parallel: seeds`` each process instead runs whole seeds (:func:`seed_share`) inside
+:func:`alone`, and only the finished seeds' results cross processes (:func:`gather_objects`).
+
 Every function here is a no-op (or the identity) in a single process, so the trainer and the
 learners call them unconditionally. Only the main process (rank 0) writes files and prints.
 A process that fails ends the run; ``$SMOPE_DIST_TIMEOUT`` (seconds, default 600) bounds how
