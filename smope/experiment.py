@@ -31,8 +31,8 @@ from .loggers import RunLoggers, check_loggers
 from .provenance import record_seed
 from .routing import RoutingTracker, combine_routing
 from .runconfig import RunConfig
-from .trainer import resolve_device, resolve_precision
 from .rundir import RunDir, log_entry, run_identity
+from .trainer import resolve_device, resolve_precision
 from .vit import count_parameters
 
 
