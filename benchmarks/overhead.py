@@ -30,15 +30,16 @@ def timed(fn, warmup: int = 1) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(parser: argparse.ArgumentParser, batch: int) -> None:
+    """The options that say which pair of models is measured (shared with step_overhead.py)."""
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--num-classes", type=int, default=100)
-    args = parser.parse_args()
 
+
+def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, smope.SMoPEModel, torch.Tensor, torch.Tensor]:
+    """The plain timm model with only its head trainable, the same weights with SMoPE attached, and one batch."""
     torch.manual_seed(0)
     plain = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
     plain.requires_grad_(False)
@@ -48,6 +49,15 @@ def main() -> None:
     prompted = smope.attach(prompted, smope.SMoPEConfig())
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     labels = torch.randint(0, args.num_classes, (args.batch,))
+    return plain, prompted, x, labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(parser, batch=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    plain, prompted, x, labels = build_models(args)
 
     def infer(model):
         model.eval()

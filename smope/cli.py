@@ -49,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from . import distributed
     from .experiment import run_experiment
 
-    with distributed.data_parallel(config.train.device):  # under torchrun; nothing changes in one process
+    with distributed.data_parallel(config.train.device, config.train.parallel):  # under torchrun; nothing changes in one process
         try:
             metrics = run_experiment(config)
         except KeyboardInterrupt:

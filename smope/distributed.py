@@ -9,6 +9,9 @@ holds the whole (small) trainable state and sees a shard of every pass over the 
 * passes whose results are summed or gathered afterwards (evaluation counts, features for
   class statistics, expert usage) visit each sample exactly once over all processes.
 
+With ``train.parallel: seeds`` each process instead runs whole seeds (:func:`seed_share`) inside
+:func:`alone`, and only the finished seeds' results cross processes (:func:`gather_objects`).
+
 Every function here is a no-op (or the identity) in a single process, so the trainer and the
 learners call them unconditionally. Only the main process (rank 0) writes files and prints.
 A process that fails ends the run; ``$SMOPE_DIST_TIMEOUT`` (seconds, default 600) bounds how
@@ -35,8 +38,51 @@ TIMEOUT_ENV = "SMOPE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_SECONDS = 600
 
 
+_working_alone = False  # inside alone(): a process of a seed-parallel run training its own seeds
+
+
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """True in a data-parallel run: passes over the data are sharded and reduced over the processes."""
+    return dist.is_available() and dist.is_initialized() and not _working_alone
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Within it every helper here acts as in one process, though the process group stays up (``train.parallel: seeds``)."""
+    global _working_alone
+    _working_alone = True
+    try:
+        yield
+    finally:
+        _working_alone = False
+
+
+def seed_share(seeds: list[int]) -> list[int]:
+    """This process's seeds in a seed-parallel run: every ``world_size()``-th, each seed on one process.
+
+    More processes than seeds would leave one idle while waiting for the others: refused.
+    """
+    world, own = world_size(), rank()
+    if world > len(seeds):
+        raise SmopeError(
+            f"train.parallel=seeds gives each process whole seeds, but {world} processes share {len(seeds)} seed(s) {seeds}: "
+            f"start at most {len(seeds)} processes (torchrun --nproc_per_node {len(seeds)}) or list more seeds"
+        )
+    return seeds[own::world]
+
+
+def gather_objects(value: object) -> list:
+    """Every process's ``value``, in rank order (``[value]`` in one process).
+
+    Waits for the slowest process without a time limit: in a seed-parallel run the others may
+    still be training their seeds (a peer that fails ends the run through torchrun instead).
+    """
+    if not is_distributed():
+        return [value]
+    dist.monitored_barrier(timeout=timedelta(days=365), wait_all_ranks=True)
+    gathered: list[object] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def rank() -> int:
@@ -68,11 +114,12 @@ def _timeout() -> timedelta:
 
 
 @contextlib.contextmanager
-def data_parallel(device: str) -> Iterator[None]:
+def data_parallel(device: str, parallel: str = "data") -> Iterator[None]:
     """Join torchrun's process group for the duration of a run, if torchrun started more than one process.
 
     The backend is NCCL when the run uses CUDA (each process on ``cuda:LOCAL_RANK``) and gloo on
-    CPU. An exception in any process ends that process at once with a non-zero exit code after
+    CPU. With ``parallel="seeds"`` no tensor crosses processes, only the finished seeds'
+    results: gloo, whatever the device. An exception in any process ends that process at once with a non-zero exit code after
     printing ``rank R failed: ...``: its peers would otherwise wait in their next collective until
     the timeout, while torchrun stops them as soon as one worker exits with an error.
     """
@@ -82,10 +129,11 @@ def data_parallel(device: str) -> Iterator[None]:
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(_local_rank())
+    nccl = use_cuda and parallel == "data"
     dist.init_process_group(
-        "nccl" if use_cuda else "gloo",
+        "nccl" if nccl else "gloo",
         timeout=_timeout(),
-        device_id=torch.device("cuda", _local_rank()) if use_cuda else None,
+        device_id=torch.device("cuda", _local_rank()) if nccl else None,
     )
     try:
         yield
@@ -101,8 +149,8 @@ def data_parallel(device: str) -> Iterator[None]:
 
 
 def process_device(device: torch.device) -> torch.device:
-    """This process's device: a CUDA device becomes ``cuda:LOCAL_RANK`` in data-parallel runs."""
-    if is_distributed() and device.type == "cuda":
+    """This process's device: a CUDA device becomes ``cuda:LOCAL_RANK`` under torchrun (data- or seed-parallel)."""
+    if dist.is_available() and dist.is_initialized() and device.type == "cuda":
         return torch.device("cuda", _local_rank())
     return device
 

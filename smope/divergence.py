@@ -29,16 +29,18 @@ LR_KEYS = (("train", "lr"), ("method", "lora_lr"), ("method", "align_lr"), ("met
 class DivergenceGuard:
     """Watches the loss of one training phase (:meth:`~smope.trainer.Trainer.optimize`) for divergence."""
 
-    def __init__(self, config: RunConfig, description: str, param_groups: list[dict]) -> None:
+    def __init__(self, config: RunConfig, description: str, param_groups: list[dict], precision: str | None = None) -> None:
         self.config, self.description = config, description
+        # The precision in effect: the trainer's (train.precision with auto resolved for its device).
+        self.precision = precision or config.train.precision
         self.group_lrs = [group["lr"] for group in param_groups]
         self.first: float | None = None
         self.recent: deque[float] = deque(maxlen=WINDOW)
         self.reason = ""
 
-    def diverged(self, loss: torch.Tensor) -> bool:
+    def diverged(self, loss: torch.Tensor | float) -> bool:
         """Record this step's loss; True when training has diverged (:attr:`reason` says how)."""
-        value = loss.item()
+        value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
         if not math.isfinite(value):
             self.reason = f"the training loss became {value}"
             return True
@@ -57,6 +59,5 @@ class DivergenceGuard:
 
     def error(self, epoch: int) -> ConfigAdviceError:
         lower = " or ".join(f"{key} (now {getattr(getattr(self.config, key.split('.')[0]), key.split('.')[1]):g})" for key in self.lr_keys())
-        precision = self.config.train.precision
-        fp32 = "" if precision == "fp32" else f", or use train.precision=fp32 (now {precision})"
+        fp32 = "" if self.precision in ("fp32", "auto") else f", or use train.precision=fp32 (now {self.config.train.precision})"
         return ConfigAdviceError(f"{self.reason} in '{self.description}' (epoch {epoch}): training diverged. Lower {lower}{fp32}")

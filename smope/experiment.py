@@ -10,10 +10,12 @@ Under ``torchrun`` every process runs this same loop on its shard of the data (s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -27,9 +29,10 @@ from .errors import ConfigAdviceError, SmopeError
 from .learners import Learner, TaskContext, create_learner
 from .loggers import RunLoggers, check_loggers
 from .provenance import record_seed
-from .routing import RoutingTracker, routing_metrics
+from .routing import RoutingTracker, combine_routing
 from .runconfig import RunConfig
 from .rundir import RunDir, log_entry, run_identity
+from .trainer import resolve_device, resolve_precision
 from .vit import count_parameters
 
 
@@ -132,7 +135,8 @@ class SeedRun:
             self.run_dir.rewrite_log(self.seed, chain.metas)
         self.build()
         if distributed.is_main():
-            record_seed(self.run_dir.path, self.config, self.seed, self.scenario, self.data.split_file)
+            with self.run_dir.locked():  # seed-parallel processes share provenance.json
+                record_seed(self.run_dir.path, self.config, self.seed, self.scenario, self.data.split_file)
         loggers = RunLoggers(self.config.train.loggers if distributed.is_main() else [], self.config, self.run_dir.path, self.seed)
         try:
             return self.run_tasks(chain, loggers)
@@ -198,26 +202,66 @@ def metrics_result(config: RunConfig, per_seed: list[dict], learner: Learner, ro
     return result
 
 
+class SeedOutcome(NamedTuple):
+    """What a finished seed adds to metrics.json; plain data, so seed-parallel processes can send it to rank 0."""
+
+    seed: int
+    result: dict
+    routing: dict | None  # RoutingTracker.summary
+    layout: dict | None  # RoutingTracker.describe, None without prompt experts
+
+
+def run_seeds(config: RunConfig, seeds: list[int], run_dir: RunDir) -> tuple[list[SeedOutcome], Learner]:
+    """Run (or resume) ``seeds`` one after the other in this process; the data is prepared once."""
+    outcomes, data, learner = [], None, None
+    for seed in seeds:
+        seed_run = SeedRun(config, seed, run_dir, data)
+        result = seed_run.run()
+        data, learner, tracker = seed_run.data, seed_run.learner, seed_run.routing
+        outcomes.append(SeedOutcome(seed, result, tracker.summary(seed), tracker.describe() if tracker.enabled else None))
+    return outcomes, learner
+
+
+def with_resolved_precision(config: RunConfig) -> RunConfig:
+    """``config`` with ``train.precision: auto`` replaced by what it means on this run's device.
+
+    config.yaml and the run's identity then name the precision the numbers come from, so a run
+    resumed where ``auto`` means another precision is refused like any other change.
+    """
+    precision = resolve_precision(config.train.precision, resolve_device(config.train.device))
+    return replace(config, train=replace(config.train, precision=precision))
+
+
 def run_experiment(config: RunConfig) -> dict:
-    """Run (or resume) every seed of ``config`` and write the outputs; returns metrics.json's content."""
+    """Run (or resume) every seed of ``config`` and write the outputs; returns metrics.json's content.
+
+    Under torchrun, ``train.parallel: data`` splits every batch over the processes; ``seeds``
+    gives each process whole seeds (:func:`~smope.distributed.seed_share`) and rank 0 writes
+    metrics.json once all of them have finished.
+    """
     run_dir = RunDir(config.output_dir)
-    distributed.local_batch_size(config.train.batch_size, exact=True)  # an uneven split fails before any work
+    config = with_resolved_precision(config)
+    by_seed = config.train.parallel == "seeds" and distributed.is_distributed()
+    own_seeds = distributed.seed_share(config.seeds) if by_seed else config.seeds
+    if not by_seed:
+        distributed.local_batch_size(config.train.batch_size, exact=True)  # an uneven split fails before any work
     check_loggers(config.train.loggers)
     if distributed.is_main():
         run_dir.bind(config)
     distributed.barrier()  # the others start once config.yaml is checked and written
     if not distributed.is_main():
         config = replace(config, train=replace(config.train, progress=False))  # one set of progress bars
-    per_seed, data, learner, trackers = [], None, None, []
     try:
-        for seed in config.seeds:
-            seed_run = SeedRun(config, seed, run_dir, data)
-            per_seed.append(seed_run.run())
-            data, learner = seed_run.data, seed_run.learner
-            trackers.append((seed, seed_run.routing))
+        with distributed.alone() if by_seed else contextlib.nullcontext():
+            outcomes, learner = run_seeds(config, own_seeds, run_dir)
     except ConfigAdviceError as exc:
         raise ConfigAdviceError(f"{exc}. {run_dir.change_advice()}") from exc
-    result = metrics_result(config, per_seed, learner, routing_metrics(trackers))
+    if by_seed:
+        finished = {o.seed: o for share in distributed.gather_objects(outcomes) for o in share}
+        outcomes = [finished[seed] for seed in config.seeds]
+    layouts = [o.layout for o in outcomes if o.layout is not None]
+    routing = combine_routing(layouts[0], [o.routing for o in outcomes if o.routing is not None]) if layouts else None
+    result = metrics_result(config, [o.result for o in outcomes], learner, routing)
     if distributed.is_main():  # only the main process of a data-parallel run writes the files
         run_dir.write_metrics(result)
     return result

@@ -9,11 +9,13 @@ keys we prepend zero keys and pass the logits as an additive attention bias.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .vit import AttentionLayout, AttentionWrapper
 
@@ -22,6 +24,22 @@ if TYPE_CHECKING:
 
 
 MODES = ("sparse", "dense")
+# Backends that return the gradient of the attention bias, through which the prompt keys learn
+# (flash attention takes no bias; cuDNN's does not return its gradient).
+TRAINING_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+BIAS_ALIGNMENT = 8
+"""The bias's row stride is padded to a multiple of this, as the memory-efficient kernel needs, so it is not copied there."""
+
+
+def expert_counts(selected: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many samples chose each expert, per head: (B, H, K) indices -> (H, E) int64.
+
+    A scatter-add rather than ``F.one_hot``, which reads the indices' minimum on the host on CPU.
+    """
+    heads = selected.shape[1]
+    flat = selected.transpose(0, 1).reshape(heads, -1)
+    counts = torch.zeros(heads, num_experts, dtype=torch.int64, device=selected.device)
+    return counts.scatter_add_(1, flat, torch.ones_like(flat))
 
 
 class PromptExperts(nn.Module):
@@ -69,8 +87,7 @@ class PromptExperts(nn.Module):
     @torch.no_grad()
     def add_usage(self, top_experts: torch.Tensor) -> None:
         """Count, per head, how many samples chose each expert. ``top_experts``: (B, H, K)."""
-        one_hot = F.one_hot(top_experts, self.num_experts)  # (B, H, K, E)
-        self.counts += one_hot.sum(dim=(0, 2))
+        self.counts += expert_counts(top_experts, self.num_experts)
 
     @torch.no_grad()
     def begin_task(self) -> None:
@@ -133,7 +150,8 @@ class PromptedAttention(AttentionWrapper):
         Returns the raw scores s (B, H, E), the selected experts (B, H, K) or ``None`` in
         dense mode, and the score range max - min (B, H, 1) used by the noise and router loss.
         """
-        scores = torch.einsum("bhd,hed->bhe", q.mean(dim=2), self.experts.keys.to(q.dtype))
+        with torch.autocast(q.device.type, enabled=False):  # which experts are chosen is decided in fp32
+            scores = torch.einsum("bhd,hed->bhe", q.float().mean(dim=2), self.experts.keys.float())
         with torch.no_grad():
             spread = scores.amax(-1, keepdim=True) - scores.amin(-1, keepdim=True)
             if self.mode == "dense":
@@ -163,12 +181,17 @@ class PromptedAttention(AttentionWrapper):
         num_prompts = logits.shape[-1]
         keys = torch.cat([k.new_zeros(batch, heads, num_prompts, dim), k], dim=2)
         values_all = torch.cat([prompt_values, v], dim=2)
-        bias = F.pad(logits * self.scale, (0, k.shape[2])).unsqueeze(2).to(q.dtype)  # (B, H, 1, P + N)
+        width = num_prompts + k.shape[2]
+        # (B, H, 1, P + N), a view of a row padded to the alignment: SDPA broadcasts it over the queries as it is.
+        padded = -(-width // BIAS_ALIGNMENT) * BIAS_ALIGNMENT
+        bias = F.pad((logits * self.scale).unsqueeze(2).to(q.dtype), (0, padded - num_prompts))[..., :width]
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:  # scaled_dot_product_attention's convention: True = may attend
                 attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
             bias = bias + F.pad(attn_mask, (num_prompts, 0))
-        return F.scaled_dot_product_attention(q, keys, values_all, attn_mask=bias, dropout_p=self.attention_dropout())
+        backends = sdpa_kernel(TRAINING_BACKENDS) if torch.is_grad_enabled() else contextlib.nullcontext()
+        with backends:
+            return F.scaled_dot_product_attention(q, keys, values_all, attn_mask=bias, dropout_p=self.attention_dropout())
 
     def router_loss(self, scores: torch.Tensor, selected: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
         """Cross-entropy towards each selected expert, with a margin on the others (docs/method.md#losses)."""

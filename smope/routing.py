@@ -22,11 +22,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .layer import PromptedAttention
+from .layer import PromptedAttention, expert_counts
 from .model import expert_usage, prompted_layers
 
 _BITS = 62  # experts packed per int64 word of a set code
@@ -92,6 +91,14 @@ def _hooks(layers: list[PromptedAttention], make_hook) -> Iterator[None]:
             handle.remove()
 
 
+def _expert_sets(codes: list[list[torch.Tensor]], num_heads: int) -> list[list[set]]:
+    """Per layer and head, the distinct expert sets among a pass's set codes (per layer, (B, H, words) per forward)."""
+    if not codes[0]:
+        return [[set() for _ in range(num_heads)] for _ in codes]
+    rows = torch.stack([torch.cat(layer) for layer in codes]).cpu().numpy()  # (L, N, H, words): the pass's one copy to the host
+    return [[set(map(tuple, np.unique(layer[:, head], axis=0).tolist())) for head in range(num_heads)] for layer in rows]
+
+
 def _union_over_processes(sets: list[set]) -> list[set]:
     if not distributed.is_distributed():
         return sets
@@ -144,7 +151,7 @@ class RoutingTracker:
         def observe(index: int):
             def hook(module: PromptedAttention, args, output) -> None:
                 if module.training and module.last_selected is not None:
-                    counts[index] += F.one_hot(module.last_selected, module.experts.num_experts).sum(dim=(0, 2))
+                    counts[index] += expert_counts(module.last_selected, module.experts.num_experts)
 
             return hook
 
@@ -159,20 +166,18 @@ class RoutingTracker:
             yield
             return
         before = expert_usage(self.model).cpu()
-        sets: list[list[set]] = [[set() for _ in range(layer.num_heads)] for layer in self.layers]
+        codes: list[list[torch.Tensor]] = [[] for _ in self.layers]  # per layer, (B, H, words) per forward, on the device
 
         def observe(index: int):
             def hook(module: PromptedAttention, args, output) -> None:
-                if module.training or module.last_scores is None:
-                    return
-                codes = set_codes(module.last_scores.topk(module.top_k, dim=-1).indices, module.experts.num_experts)
-                for head in range(codes.shape[1]):
-                    sets[index][head].update(map(tuple, torch.unique(codes[:, head], dim=0).tolist()))
+                if not module.training and module.last_scores is not None:
+                    codes[index].append(set_codes(module.last_scores.topk(module.top_k, dim=-1).indices, module.experts.num_experts))
 
             return hook
 
         with _hooks(self.layers, observe):
             yield
+        sets = _expert_sets(codes, self.layers[0].num_heads)
         distinct = [[len(s) for s in _union_over_processes(layer_sets)] for layer_sets in sets]
         usage = (expert_usage(self.model).cpu() - before).tolist()
         steps = torch.zeros_like(before) if self._step_usage is None else self._step_usage
@@ -259,10 +264,6 @@ def _json_floats(values: np.ndarray) -> list:
     return [_json_floats(v) for v in values] if np.ndim(values) > 0 else (None if np.isnan(values) else float(values))
 
 
-def routing_metrics(trackers: list[tuple[int, RoutingTracker]]) -> dict | None:
-    """metrics.json's ``routing``: the layout plus each seed's arrays; None if no seed has routing."""
-    per_seed = [s for seed, tracker in trackers if (s := tracker.summary(seed)) is not None]
-    if not per_seed:
-        return None
-    layout = next(tracker for _, tracker in trackers if tracker.enabled).describe()
-    return {**layout, "per_seed": per_seed}
+def combine_routing(layout: dict, per_seed: list[dict]) -> dict | None:
+    """metrics.json's ``routing`` from the layout and the seeds' summaries; None without any summary."""
+    return {**layout, "per_seed": per_seed} if per_seed else None

@@ -23,6 +23,9 @@ from .errors import InvalidSettingError, SmopeError
 from .methods import readers_of, spec_for, unread_method_keys
 from .settings import PromptExpertSettings
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+PARALLEL_MODES = ("data", "seeds")
 SCHEDULES = ("cosine", "epoch_cosine", "step")
 ALIGN_COVARIANCES = ("diag", "full")
 ALIGN_STEPS = ("old_classes", "all_samples")
@@ -175,11 +178,19 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_batch_size: int = 256
     device: str = "auto"
-    precision: str = "fp32"
-    compile: bool = False
+    # "auto": bf16 autocast on a CUDA device that supports it, fp32 elsewhere (docs/performance.md).
+    precision: str = "auto"
+    # false, true (= "default") or a torch.compile mode: default, reduce-overhead, max-autotune.
+    compile: bool | str = False
     progress: bool = True
     # Experiment trackers: tensorboard, wandb (offline unless WANDB_MODE is set); each needs its extra.
     loggers: list[str] = field(default_factory=list)
+    # CUDA only: fp32 matrix products and convolutions may use TF32 tensor cores.
+    tf32: bool = True
+    # The loss is read on the host (divergence guard, progress bar, loggers) once every this many steps.
+    sync_every: int = 10
+    # Under torchrun: "data" splits every batch over the processes; "seeds" gives each process whole seeds.
+    parallel: str = "data"
 
 
 @dataclass
@@ -386,9 +397,13 @@ def validate(config: RunConfig) -> None:
     for key, value in at_least_zero.items():
         if value < 0:
             raise SmopeError(f"config key '{key}' must be >= 0, got {value}")
-    if config.train.precision not in ("fp32", "bf16", "fp16"):
-        raise SmopeError(f"config key 'train.precision' must be fp32, bf16 or fp16, got {config.train.precision!r}")
+    if isinstance(config.train.compile, str) and config.train.compile not in COMPILE_MODES:
+        raise SmopeError(f"config key 'train.compile' must be true, false or one of {', '.join(COMPILE_MODES)}, got {config.train.compile!r}")
+    if config.train.sync_every < 1:
+        raise SmopeError(f"config key 'train.sync_every' must be >= 1, got {config.train.sync_every}")
     for key, value, choices in (
+        ("train.precision", config.train.precision, PRECISIONS),
+        ("train.parallel", config.train.parallel, PARALLEL_MODES),
         ("train.schedule", config.train.schedule, SCHEDULES),
         ("method.align_covariance", config.method.align_covariance, ALIGN_COVARIANCES),
         ("method.align_steps", config.method.align_steps, ALIGN_STEPS),

@@ -19,9 +19,13 @@ deleting the run. :class:`RunDir` is the only code that knows these names; reade
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,10 @@ from .errors import SmopeError
 from .runconfig import RunConfig, dump_config, load_config
 
 # Keys that change how a run executes but not its numbers: a resume may differ in them.
-EXECUTION_KEYS = {("train", "progress"), ("train", "device"), ("train", "loggers"), ("data", "num_workers"), ("output_dir",), ("seeds",)}
+EXECUTION_KEYS = {
+    ("train", "progress"), ("train", "device"), ("train", "loggers"), ("data", "num_workers"), ("output_dir",), ("seeds",),
+    ("train", "sync_every"), ("train", "parallel"),
+}
 
 
 def comparable(config: dict) -> dict:
@@ -136,9 +143,19 @@ class RunDir:
             )
         return f"No task has finished yet, so the changed command may keep output_dir={self.path}"
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive access to the files all seeds share (log, provenance): seed-parallel processes write them too."""
+        folder = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(folder)  # releases the lock
+
     # Log -------------------------------------------------------------------------------------
     def append_log(self, entry: dict) -> None:
-        with open(self.path / self.LOG, "a") as log:
+        with self.locked(), open(self.path / self.LOG, "a") as log:
             log.write(json.dumps(entry) + "\n")
 
     def rewrite_log(self, seed: int, metas: list[dict]) -> None:
@@ -148,6 +165,10 @@ class RunDir:
         has the original timing), a missing one is rebuilt from the checkpoint, lines of tasks
         about to be recomputed are dropped.
         """
+        with self.locked():
+            self._rewrite_log(seed, metas)
+
+    def _rewrite_log(self, seed: int, metas: list[dict]) -> None:
         path = self.path / self.LOG
         lines = path.read_text().splitlines() if path.is_file() else []
         others, own = [], {}

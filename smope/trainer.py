@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +30,14 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFactory = Callable[[list[dict], float], torch.optim.Optimizer]
 
 
+class PendingLoss(NamedTuple):
+    """A step's loss, still on the device, with what the loggers report beside it."""
+
+    loss: torch.Tensor
+    epoch: int
+    lrs: list[float]
+
+
 def resolve_device(name: str) -> torch.device:
     """The device ``train.device`` names; in data-parallel runs CUDA means this process's ``cuda:LOCAL_RANK``."""
     if name == "auto":
@@ -42,9 +51,37 @@ def resolve_device(name: str) -> torch.device:
     return distributed.process_device(device)
 
 
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The precision ``train.precision`` means on ``device``: ``auto`` is bf16 on CUDA devices with bf16, fp32 elsewhere.
+
+    CPU runs stay in fp32 under ``auto``: without native bf16 (AVX512-BF16, AMX) it is emulated and slow.
+    """
+    if device.type != "cuda":
+        return "fp32" if requested == "auto" else requested
+    has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if requested == "auto":
+        return "bf16" if has_bf16 else "fp32"
+    if requested == "bf16" and not has_bf16:
+        name = torch.cuda.get_device_name(device)
+        raise SmopeError(f"train.precision=bf16 but {device} ({name}) has no bf16 support; use train.precision=auto, fp16 or fp32")
+    return requested
+
+
+def use_tf32(enabled: bool) -> None:
+    """Let fp32 matrix products and convolutions on CUDA run on TF32 tensor cores (``train.tf32``)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def adamw(param_groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
-    """The harness's optimiser, unless a method's published recipe says otherwise."""
-    return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
+    """The harness's optimiser, unless a method's published recipe says otherwise.
+
+    Fused on CUDA: one kernel for all parameters, and its step counters stay on the device
+    (the default implementation reads them on the host every step).
+    """
+    params = [p for group in param_groups for p in group["params"]]
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(param_groups, weight_decay=weight_decay, fused=fused or None)
 
 
 class Trainer:
@@ -53,14 +90,16 @@ class Trainer:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.device = resolve_device(config.train.device)
+        self.precision = resolve_precision(config.train.precision, self.device)
+        if self.device.type == "cuda":
+            use_tf32(config.train.tf32)
         # Called after every optimiser step with (description, loss, learning rates): the run's loggers.
         self.log_step: Callable[[str, float, list[float]], None] | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        precision = self.config.train.precision
-        if precision == "fp32":
+        if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def loader(self, data: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -125,32 +164,52 @@ class Trainer:
         loss_fn: LossFn,
         description: str,
     ) -> None:
-        """The step loop: precision, gradient scaling and sync, schedule, progress, loggers; a diverging loss stops the run."""
+        """The step loop: precision, gradient scaling and sync, schedule, progress, loggers; a diverging loss stops the run.
+
+        The loss stays on the device: it is read on the host once every ``train.sync_every``
+        steps (and at the end), so the host can queue steps ahead of the device. The guard, the
+        progress bar and the loggers then see every step's loss; a divergence is caught at
+        most ``sync_every`` steps late, before the phase ends.
+        """
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.train.precision == "fp16")
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         params = [p for g in param_groups for p in g["params"]]
         bar = tqdm(total=max(1, epochs * steps_per_epoch), desc=description, disable=not self.config.train.progress, leave=False, unit="it")
-        guard = DivergenceGuard(self.config, description, param_groups)
-        for epoch in range(epochs):
-            for inputs, labels in batches(epoch):
-                inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-                with self.autocast():
-                    loss = loss_fn(inputs, labels)
-                if guard.diverged(loss):
-                    bar.close()
-                    raise guard.error(epoch + 1)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                # Still scaled: every process then finds the same inf/NaN and skips the same fp16 steps.
-                distributed.average_gradients(params)
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                bar.update()
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-                if self.log_step is not None:
-                    self.log_step(description, loss.item(), schedule.get_last_lr())
-        bar.close()
+        guard = DivergenceGuard(self.config, description, param_groups, self.precision)
+        pending: list[PendingLoss] = []
+        try:
+            for epoch in range(epochs):
+                for inputs, labels in batches(epoch):
+                    inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                    with self.autocast():
+                        loss = loss_fn(inputs, labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    # Still scaled: every process then finds the same inf/NaN and skips the same fp16 steps.
+                    distributed.average_gradients(params)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    schedule.step()
+                    pending.append(PendingLoss(loss.detach(), epoch, schedule.get_last_lr()))
+                    bar.update()
+                    if len(pending) == self.config.train.sync_every:
+                        self.read_losses(pending, guard, bar, description)
+            self.read_losses(pending, guard, bar, description)
+        finally:
+            bar.close()
+
+    def read_losses(self, pending: list[PendingLoss], guard: DivergenceGuard, bar: tqdm, description: str) -> None:
+        """The losses of the steps since the last read, in one device-to-host copy: divergence guard, progress bar, loggers."""
+        if not pending:
+            return
+        values = torch.stack([step.loss.float() for step in pending]).tolist()
+        for value, step in zip(values, pending):
+            if guard.diverged(value):
+                raise guard.error(step.epoch + 1)
+            if self.log_step is not None:
+                self.log_step(description, value, step.lrs)
+        bar.set_postfix(epoch=pending[-1].epoch + 1, loss=f"{values[-1]:.3f}")
+        pending.clear()
 
     def features_and_labels(
         self, model: nn.Module, data: Dataset, forward: Callable[[torch.Tensor], torch.Tensor]

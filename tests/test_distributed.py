@@ -71,14 +71,14 @@ def test_one_process_is_untouched():
 
 
 # Real multi-process runs -------------------------------------------------------------------
-def smope_run(out: Path, processes: int, **env: str) -> subprocess.CompletedProcess:
-    """``smope run`` of the tiny config; with ``SMOPE_TEST_FAIL_RANK`` set, through tests/inject_rank_failure.py."""
+def smope_run(out: Path, processes: int, *overrides: str, timeout: float = RUN_TIMEOUT, **env: str) -> subprocess.CompletedProcess:
+    """``smope run`` of the tiny config plus ``overrides``; with ``SMOPE_TEST_FAIL_RANK`` set, through tests/inject_rank_failure.py."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
     program = [str(Path(__file__).with_name("inject_rank_failure.py"))] if "SMOPE_TEST_FAIL_RANK" in env else ["-m", "smope"]
-    command = [sys.executable, *launcher, *program, "run", TINY, f"output_dir={out}", *OVERRIDES]
+    command = [sys.executable, *launcher, *program, "run", TINY, f"output_dir={out}", *OVERRIDES, *overrides]
     # One thread per process, as torchrun sets for several processes: the same arithmetic in both runs.
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
 def metrics(out: Path) -> dict:
@@ -131,3 +131,45 @@ def test_failing_rank_stops_the_run_and_the_run_resumes(two_process_run, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("resuming after task 1") == 1
     assert metrics(out)["per_seed"] == metrics(two_process_run[0])["per_seed"]
+
+
+# Seed-parallel runs (train.parallel: seeds) ------------------------------------------------
+SEEDS = ("seeds=[0, 1]",)
+
+
+@pytest.mark.distributed
+def test_seed_parallel_run_writes_the_sequential_metrics_and_resumes_per_seed(tmp_path):
+    parallel = smope_run(tmp_path / "parallel", 2, *SEEDS, "train.parallel=seeds")
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    sequential = smope_run(tmp_path / "sequential", 1, *SEEDS, timeout=2 * RUN_TIMEOUT)  # the two seeds one after the other
+    assert sequential.returncode == 0, sequential.stderr[-3000:]
+    # Each process trains one whole seed as a single process would: the same numbers, to the last digit.
+    assert metrics(tmp_path / "parallel") == metrics(tmp_path / "sequential")
+    out = tmp_path / "parallel"
+    assert sorted((out / "log.jsonl").read_text().count(f'"seed": {seed},') for seed in (0, 1)) == [3, 3]
+    assert parallel.stdout.count("final average accuracy") == 1
+
+    (out / "seed_1" / "task_002.safetensors").unlink()  # seed 1 was stopped in its last task
+    resumed = smope_run(out, 2, *SEEDS, "train.parallel=seeds")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "seed 1: resuming after task 2" in resumed.stdout and "seed 0: resuming after task 3" in resumed.stdout
+    assert metrics(out) == metrics(tmp_path / "sequential")
+
+
+@pytest.mark.distributed
+def test_seed_parallel_run_with_more_processes_than_seeds_is_refused(tmp_path):
+    result = smope_run(tmp_path / "run", 2, "seeds=[0]", "train.parallel=seeds")
+    assert result.returncode != 0
+    assert "error: train.parallel=seeds gives each process whole seeds, but 2 processes share 1 seed(s) [0]: start at most 1" in result.stderr
+    assert "Traceback" not in result.stderr.split("rank 0 failed")[0]  # the ranks' own output: one line, no traceback
+    assert not (tmp_path / "run" / "seed_0").exists()
+
+
+def test_seed_share_gives_each_process_whole_seeds(monkeypatch):
+    as_rank(monkeypatch, 1, 2)
+    assert distributed.seed_share([0, 1, 2]) == [1]
+    as_rank(monkeypatch, 0, 2)
+    assert distributed.seed_share([0, 1, 2]) == [0, 2]
+    as_rank(monkeypatch, 0, 3)
+    with pytest.raises(SmopeError, match=r"3 processes share 2 seed\(s\) \[0, 1\]: start at most 2 processes"):
+        distributed.seed_share([0, 1])

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..runconfig import RunConfig, TrainConfig
 from ..schedule import cosine_multipliers, lagged
-from ..trainer import Trainer
+from ..trainer import Trainer, adamw
 
 if TYPE_CHECKING:
     from ..runconfig import MethodConfig
@@ -38,21 +38,31 @@ VARIANCE_FLOOR = 1e-4
 
 
 class ClassStatistics:
-    """Per-class feature mean and variance (or covariance), kept as tensors so checkpoints carry them."""
+    """Per-class feature mean and variance (or covariance), kept as tensors so checkpoints carry them.
 
-    def __init__(self, num_classes: int, dim: int, covariance: str = "diag") -> None:
+    They live on ``device`` (the training device), where alignment samples from them: sampled
+    features never cross to the host. A full covariance's Cholesky factor is computed once per
+    class and task, at the first draw after its statistics arrived (an update or a checkpoint).
+    """
+
+    def __init__(self, num_classes: int, dim: int, covariance: str = "diag", device: torch.device | str = "cpu") -> None:
         if covariance not in ("diag", "full"):
             raise ValueError(f"covariance must be 'diag' or 'full', got {covariance!r}")
         self.covariance = covariance
-        self.mean = torch.zeros(num_classes, dim)
-        self.var = torch.zeros(num_classes, dim)  # diag mode only
+        self.mean = torch.zeros(num_classes, dim, device=device)
+        self.var = torch.zeros(num_classes, dim, device=device)  # diag mode only
         self.cov: dict[int, torch.Tensor] = {}  # full mode: label -> (dim, dim), only for classes seen
-        self.count = torch.zeros(num_classes, dtype=torch.int64)
+        self.count = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.latest: list[int] = []  # labels of the last update: what the next checkpoint stores
         self._factors: dict[int, torch.Tensor] = {}
 
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Mean of each label's rows, and their population variance (diag) or unbiased covariance (full)."""
+        features, labels = features.to(self.device), labels.to(self.device)
         self.latest = sorted(labels.unique().tolist())
         for label in self.latest:
             rows = features[labels == label].float()
@@ -64,26 +74,32 @@ class ClassStatistics:
             else:
                 self.var[label] = rows.var(0, unbiased=False)
 
-    def _factor(self, label: int) -> torch.Tensor:
-        """Cholesky factor of the covariance plus the floor, computed once per class in float64."""
-        if label not in self._factors:
-            cov = self.cov[label].double() + VARIANCE_FLOOR * torch.eye(self.mean.shape[1], dtype=torch.float64)
-            self._factors[label] = torch.linalg.cholesky(cov).float()
-        return self._factors[label]
+    def _factorize(self, classes: range) -> None:
+        """Cholesky factors of the covariances plus the floor of the classes that lack one, in float64, in one batched call."""
+        labels = [c for c in classes if c not in self._factors]
+        if not labels:
+            return
+        eye = VARIANCE_FLOOR * torch.eye(self.mean.shape[1], dtype=torch.float64, device=self.device)
+        factors = torch.linalg.cholesky(torch.stack([self.cov[label] for label in labels]).double() + eye).float()
+        self._factors.update(zip(labels, factors))
 
     def sample(self, classes: range, per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``per_class`` features from each class's Gaussian for every class in ``classes``, grouped by class."""
-        labels = torch.arange(classes.start, classes.stop).repeat_interleave(per_class)
-        noise = torch.randn(len(labels), self.mean.shape[1], generator=generator)
+        """``per_class`` features from each class's Gaussian for every class in ``classes``, grouped by class.
+
+        ``generator`` lives on :attr:`device`; on the CPU the draws are those of a CPU generator with the same seed.
+        """
+        labels = torch.arange(classes.start, classes.stop, device=self.device).repeat_interleave(per_class)
+        noise = torch.randn(len(labels), self.mean.shape[1], generator=generator, device=self.device)
         if self.covariance == "diag":
             return self.mean[labels] + noise * (self.var[labels] + VARIANCE_FLOOR).sqrt(), labels
-        factors = torch.stack([self._factor(c) for c in classes])  # (C, d, d)
+        self._factorize(classes)
+        factors = torch.stack([self._factors[c] for c in classes])  # (C, d, d)
         spread = torch.bmm(noise.view(len(classes), per_class, -1), factors.transpose(1, 2))
         return self.mean[labels] + spread.reshape(len(labels), -1), labels
 
     def state_dict(self, prefix: str = "class_stats.") -> dict[str, torch.Tensor]:
         """The statistics of the classes of the last update only (one task's classes)."""
-        rows = torch.tensor(self.latest, dtype=torch.int64)
+        rows = torch.tensor(self.latest, dtype=torch.int64, device=self.device)
         state = {f"{prefix}classes": rows, f"{prefix}mean": self.mean[rows], f"{prefix}count": self.count[rows]}
         if self.covariance == "full":
             state[f"{prefix}cov"] = torch.stack([self.cov[c] for c in self.latest]) if self.latest else torch.zeros(0, *self.mean.shape[1:] * 2)
@@ -97,14 +113,15 @@ class ClassStatistics:
         if rows is None:  # checkpoints written before per-task statistics held every class
             rows = torch.arange(len(state[f"{prefix}mean"]))
         self.latest = rows.tolist()
-        self.mean[rows] = state[f"{prefix}mean"].float()
-        self.count[rows] = state[f"{prefix}count"]
+        rows = rows.to(self.device)
+        self.mean[rows] = state[f"{prefix}mean"].to(self.device, torch.float32)
+        self.count[rows] = state[f"{prefix}count"].to(self.device)
         if self.covariance == "full":
             for label, cov in zip(self.latest, state[f"{prefix}cov"]):
-                self.cov[label] = cov.clone()
+                self.cov[label] = cov.to(self.device, copy=True)
                 self._factors.pop(label, None)
         else:
-            self.var[rows] = state[f"{prefix}var"].float()
+            self.var[rows] = state[f"{prefix}var"].to(self.device, torch.float32)
 
 
 class KeepsClassStatistics:
@@ -152,14 +169,14 @@ def align_head(
     """
     if trainer is None:
         trainer = Trainer(RunConfig(train=TrainConfig(device=str(next(head.parameters()).device), progress=False)))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(stats.device).manual_seed(seed)  # draws where the statistics and the head are
     groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": lr}]
     available = -(-len(seen) * samples_per_class // batch_size)
     per_epoch = available if iterations_per_epoch is None else min(iterations_per_epoch, available)
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         features, labels = stats.sample(seen, samples_per_class, generator)
-        order = torch.randperm(len(labels), generator=generator)
+        order = torch.randperm(len(labels), generator=generator, device=stats.device)
         for step in range(per_epoch):
             batch = order[step * batch_size : (step + 1) * batch_size]
             yield features[batch], labels[batch]
@@ -171,7 +188,7 @@ def align_head(
     multipliers = cosine_multipliers(min_lr, [lr], max(1, epochs * per_epoch))
     if lag:
         multipliers = [lagged(m, start=RELEASE_ALIGN_START) for m in multipliers]
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(groups, weight_decay)
     trainer.optimize(groups, optimizer, multipliers, epochs, per_epoch, batches, loss_fn, f"align {len(seen)} classes")
 
 

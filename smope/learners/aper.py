@@ -35,7 +35,7 @@ class APERLearner(Learner):
         self.adapter = DensePromptLearner(replace(config, method=replace(config.method, head="linear")), num_classes, self.trainer)
         self.model = self.adapter.model
         self.frozen = create_backbone(config.model, num_classes=0).requires_grad_(False).eval().to(self.device)
-        self.stats = ClassStatistics(num_classes, self.frozen.num_features + self.model.num_features)
+        self.stats = ClassStatistics(num_classes, self.frozen.num_features + self.model.num_features, device=self.device)
 
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
         """[frozen ; adapted] class-token features: the generalisable and the adapted view of the image."""

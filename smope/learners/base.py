@@ -128,8 +128,9 @@ class Learner:
         return self.trainer.features_and_labels(self.model, data, forward)
 
     def compile(self) -> None:
-        """``torch.compile`` the model's forward in place (``train.compile``); parameter names are kept."""
-        self.model.compile()
+        """``torch.compile`` the model's forward in place (``train.compile``: true or a mode); parameter names are kept."""
+        mode = self.config.train.compile
+        self.model.compile(mode=None if mode is True else mode)
 
 
 def cross_entropy_on(classes: range) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -39,7 +39,7 @@ class PrototypeLearner(Learner):
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         self.model = create_backbone(config.model, num_classes=0).requires_grad_(False).to(self.device)
-        self.stats = ClassStatistics(num_classes, self.model.num_features)
+        self.stats = ClassStatistics(num_classes, self.model.num_features, device=self.device)
 
     def train_task(self, ctx: TaskContext) -> None:
         self.stats.update(*self.features_and_labels(ctx.train_data, self.model))
@@ -89,7 +89,7 @@ class AlignedHeadLearner(KeepsClassStatistics, HeadOnlyLearner):
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
-        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
+        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance, self.device)
 
     def train_task(self, ctx: TaskContext) -> None:
         features, labels = self.features_and_labels(ctx.train_data, self.pooled_features)

@@ -61,16 +61,16 @@ def slca_align(
     if epochs < 1:
         return
     seen = range(tasks[0].start, tasks[-1].stop)
-    scale = torch.ones(seen.stop)
+    scale = torch.ones(seen.stop, device=stats.device)
     for t, classes in enumerate(tasks):
         scale[classes.start : classes.stop] = OLDEST_MEAN_SCALE + (1 - OLDEST_MEAN_SCALE) * (t + 1) / len(tasks)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(stats.device).manual_seed(seed)
     per_epoch = len(seen)
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         features, labels = stats.sample(seen, samples_per_class, generator)
         features = features + (scale[labels] - 1).unsqueeze(1) * stats.mean[labels]  # the same spread around a scaled mean
-        order = torch.randperm(len(labels), generator=generator)
+        order = torch.randperm(len(labels), generator=generator, device=stats.device)
         for step in range(per_epoch):
             batch = order[step * samples_per_class : (step + 1) * samples_per_class]
             yield features[batch], labels[batch]
@@ -98,7 +98,7 @@ class SLCALearner(KeepsClassStatistics, Learner):
         if config.method.slca_backbone_lr == 0:  # the ablation without the slow learner: only the head trains
             self.model.requires_grad_(False)
             unfreeze_classifier(self.model)
-        self.stats = ClassStatistics(num_classes, self.model.num_features, "full")
+        self.stats = ClassStatistics(num_classes, self.model.num_features, "full", self.device)
 
     @property
     def head(self) -> torch.nn.Module:

@@ -61,7 +61,7 @@ class PromptLearner(Learner):
             self.model = attach(backbone, smope_config(config)).to(self.device)
         except InvalidSettingError as exc:  # block indices beyond this backbone
             raise SmopeError(f"invalid method.layers: {exc}") from exc
-        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
+        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance, self.device)
         self.ridge = RidgeHead(self.model.num_features, num_classes, config.method.rp_dim) if config.method.head == "ridge" else None
 
     def param_groups(self) -> list[dict]:
