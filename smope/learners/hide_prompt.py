@@ -51,7 +51,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -85,6 +84,8 @@ class CentroidStatistics:
         self.latest: list[int] = []
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        from sklearn.cluster import KMeans  # imported when used: importing smope imports every learner
+
         self.latest = sorted(labels.unique().tolist())
         for label in self.latest:
             rows = features[labels == label].double().numpy()
