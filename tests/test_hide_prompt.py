@@ -9,6 +9,7 @@ from test_baselines import SHARED, TINY_SCALE, tiny_config
 
 from smope import SmopeError, cli
 from smope.checkpoint import load_checkpoint
+from smope.cost import method_flops
 from smope.experiment import SeedRun
 from smope.learners.hide_prompt import GATES, CentroidStatistics, HiDePromptPool
 from smope.rundir import RunDir
@@ -120,6 +121,14 @@ def test_centroid_statistics_sample_their_clusters_and_survive_a_checkpoint():
     copy = CentroidStatistics(num_classes=3, dim=3, centroids=4)
     copy.load_state_dict(stats.state_dict("s."), "s.")
     assert torch.equal(copy.mean, stats.mean) and torch.equal(copy.count, stats.count)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_runs_one_pass_and_inference_two(method):
+    """The paper's cost table: training needs no task-identity pass (the task is known), inference does."""
+    flops = method_flops(tiny_config(method), 10)
+    ratio = flops.inference.without_attention / flops.training.without_attention
+    assert 1.9 < ratio < 2.2
 
 
 def test_every_named_gate_exists():

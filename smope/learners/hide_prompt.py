@@ -224,7 +224,7 @@ class HiDePromptPool(PromptPool):
     def forward(self, query: torch.Tensor | None, batch: int) -> tuple[dict[int, Prefix], torch.Tensor | None]:
         if query is None:  # training, or the statistics pass after it (the stored prompt, as the release's)
             prompt = self.current_prompt() if self.training else self.prompts[:, int(self.task)]
-            prompts = prompt[:, None].expand(-1, batch, -1, -1)
+            prompts = prompt[:, None].repeat(1, batch, 1, 1)  # not expand: see DualPromptPool.forward
         else:
             self.last_choice = self.choose(query)
             prompts = self.prompts[:, self.last_choice]  # (blocks, B, length, width): each sample its own
