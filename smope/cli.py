@@ -105,14 +105,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_params(args: argparse.Namespace) -> None:
     from .cost import method_config, parameter_table
 
-    config = method_config(args.model, args.method, args.num_experts, args.top_k, args.layers, args.img_size)
+    config = method_config(args.model, args.method, args.num_experts, args.top_k, args.layers, args.img_size, args.overrides)
     print(parameter_table(config, args.num_classes))
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
     from .cost import flops_table, method_config
 
-    print(flops_table(method_config(args.model, args.method, img_size=args.img_size), args.num_classes))
+    print(flops_table(method_config(args.model, args.method, img_size=args.img_size, overrides=args.overrides), args.num_classes))
 
 
 def _block_list(text: str) -> list[int]:
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--top-k", type=int, default=None, help="active experts (default 5)")
     params.add_argument("--layers", type=_block_list, default=None, help="comma-separated prompted blocks (default 0,1,2,3,4,5)")
     params.add_argument("--img-size", type=int, default=None)
+    params.add_argument("overrides", nargs="*", metavar="key=value", help="more method settings, e.g. method.prompt_length=40")
     params.set_defaults(func=cmd_params)
 
     flops = sub.add_parser("flops", help="forward FLOPs per image for training and inference (random weights, nothing downloaded)")
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--method", default="smope")
     flops.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     flops.add_argument("--num-classes", type=int, default=100)
+    flops.add_argument("overrides", nargs="*", metavar="key=value", help="more method settings, e.g. method.prompt_length=40")
     flops.set_defaults(func=cmd_flops)
     return parser
 

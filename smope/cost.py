@@ -120,17 +120,18 @@ def method_config(
     top_k: int | None = None,
     layers: list[int] | None = None,
     img_size: int | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> RunConfig:
     """A run config that builds ``method`` on ``model`` with random weights on the CPU.
 
-    The prompt settings given (not None) are checked as a run's would be: a method that does
-    not read them refuses them, naming the key.
+    The prompt settings given (not None) and the ``key=value`` ``overrides`` are checked as a
+    run's would be: a method that does not read them refuses them, naming the key.
     """
-    overrides = [f"method.name={method}", f"model.name={model}", "model.weights=none", "train.device=cpu", "train.progress=false"]
-    overrides += [f"method.{key}={value}" for key, value in (("num_experts", num_experts), ("top_k", top_k), ("layers", layers)) if value is not None]
+    settings = [f"method.name={method}", f"model.name={model}", "model.weights=none", "train.device=cpu", "train.progress=false"]
+    settings += [f"method.{key}={value}" for key, value in (("num_experts", num_experts), ("top_k", top_k), ("layers", layers)) if value is not None]
     if img_size is not None:
-        overrides.append(f"model.img_size={img_size}")
-    return load_config(None, overrides)
+        settings.append(f"model.img_size={img_size}")
+    return load_config(None, [*settings, *overrides])
 
 
 def parameter_counts(config: RunConfig, num_classes: int) -> dict[str, int]:

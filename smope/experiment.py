@@ -29,6 +29,7 @@ from .errors import ConfigAdviceError, SmopeError
 from .learners import Learner, TaskContext, create_learner
 from .loggers import RunLoggers, check_loggers
 from .provenance import record_seed
+from .prompt_choice import PromptChoiceTracker, prompt_choice_metrics
 from .routing import RoutingTracker, combine_routing
 from .runconfig import RunConfig
 from .rundir import RunDir, log_entry, run_identity
@@ -84,6 +85,7 @@ class SeedRun:
         self.scenario: ClassIncrementalScenario | None = None
         self.run_id: str | None = None
         self.routing: RoutingTracker | None = None
+        self.choices: PromptChoiceTracker | None = None
 
     def build(self) -> None:
         """Learner and scenario; the first seed also loads and transforms the data for the backbone."""
@@ -98,6 +100,7 @@ class SeedRun:
         data = self.config.data
         self.scenario = ClassIncrementalScenario(self.data.train, self.data.test, data.num_tasks, self.seed, data.first_task_classes)
         self.routing = RoutingTracker(self.learner.model)
+        self.choices = PromptChoiceTracker(self.learner.model)
 
     def test_sizes(self) -> list[int]:
         return [len(self.scenario.test_dataset(t)) for t in range(self.scenario.num_tasks)]
@@ -119,6 +122,8 @@ class SeedRun:
         }
         if self.routing.enabled:
             meta["routing"] = self.routing.checkpoint_meta()
+        if self.choices.enabled:
+            meta["prompt_choice"] = self.choices.checkpoint_meta()
         save_checkpoint(self.run_dir.checkpoint(self.seed, task), self.learner.state_dict(), meta)
         entry = log_entry(meta)
         self.run_dir.append_log(entry)
@@ -143,6 +148,11 @@ class SeedRun:
         finally:
             loggers.close()
 
+    def observe_test(self, test_task: int) -> None:
+        """After each test forward: the routing and prompt-choice analytics read the model."""
+        self.routing.observe_test(test_task)
+        self.choices.observe_test(test_task)
+
     def run_tasks(self, chain: Chain, loggers: RunLoggers) -> dict:
         if loggers.loggers:
             self.learner.trainer.log_step = loggers.training_step
@@ -153,6 +163,7 @@ class SeedRun:
             meta = self.restore(last)
             rows = meta["accuracy_matrix"]
             self.routing.restore((meta.get("routing") or {}).get("records"), len(rows))
+            self.choices.restore((meta.get("prompt_choice") or {}).get("records"), len(rows))
             if distributed.is_main():
                 tqdm.write(f"seed {self.seed}: resuming after task {last + 1} from {self.run_dir.checkpoint(self.seed, last)}")
         for task in range(len(rows), self.scenario.num_tasks):
@@ -172,15 +183,19 @@ class SeedRun:
             with self.routing.training_pass():
                 self.learner.after_task(ctx)
             self.routing.begin_evaluation(task)
-            rows.append(evaluate(self.learner, self.scenario, task, progress, self.routing.observe_test))
+            self.choices.begin_evaluation(task)
+            rows.append(evaluate(self.learner, self.scenario, task, progress, self.observe_test))
             self.routing.end_evaluation()
+            self.choices.end_evaluation()
             loggers.task_finished(task, rows[-1], self.routing.latest_scalars())
             if distributed.is_main():  # every process holds the same state and rows
                 self.save_task(task, rows, time.time() - started)
         return {"seed": self.seed, **cl_metrics.summarize(rows, self.test_sizes())}
 
 
-def metrics_result(config: RunConfig, per_seed: list[dict], learner: Learner, routing: dict | None = None) -> dict:
+def metrics_result(
+    config: RunConfig, per_seed: list[dict], learner: Learner, routing: dict | None = None, prompt_choice: dict | None = None
+) -> dict:
     """metrics.json's content."""
     counts = count_parameters(learner.model)
     result = {
@@ -199,6 +214,8 @@ def metrics_result(config: RunConfig, per_seed: list[dict], learner: Learner, ro
     }
     if routing is not None:
         result["routing"] = routing
+    if prompt_choice is not None:
+        result["prompt_choice"] = prompt_choice
     return result
 
 
@@ -209,6 +226,7 @@ class SeedOutcome(NamedTuple):
     result: dict
     routing: dict | None  # RoutingTracker.summary
     layout: dict | None  # RoutingTracker.describe, None without prompt experts
+    choices: list | None  # PromptChoiceTracker.records, None for methods without a prompt choice
 
 
 def run_seeds(config: RunConfig, seeds: list[int], run_dir: RunDir) -> tuple[list[SeedOutcome], Learner]:
@@ -218,7 +236,8 @@ def run_seeds(config: RunConfig, seeds: list[int], run_dir: RunDir) -> tuple[lis
         seed_run = SeedRun(config, seed, run_dir, data)
         result = seed_run.run()
         data, learner, tracker = seed_run.data, seed_run.learner, seed_run.routing
-        outcomes.append(SeedOutcome(seed, result, tracker.summary(seed), tracker.describe() if tracker.enabled else None))
+        choices = seed_run.choices.records if seed_run.choices.enabled else None
+        outcomes.append(SeedOutcome(seed, result, tracker.summary(seed), tracker.describe() if tracker.enabled else None, choices))
     return outcomes, learner
 
 
@@ -261,7 +280,8 @@ def run_experiment(config: RunConfig) -> dict:
         outcomes = [finished[seed] for seed in config.seeds]
     layouts = [o.layout for o in outcomes if o.layout is not None]
     routing = combine_routing(layouts[0], [o.routing for o in outcomes if o.routing is not None]) if layouts else None
-    result = metrics_result(config, [o.result for o in outcomes], learner, routing)
+    choices = prompt_choice_metrics([(o.seed, o.choices) for o in outcomes])
+    result = metrics_result(config, [o.result for o in outcomes], learner, routing, choices)
     if distributed.is_main():  # only the main process of a data-parallel run writes the files
         run_dir.write_metrics(result)
     return result

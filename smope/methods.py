@@ -20,6 +20,10 @@ ALIGNMENT = ("align", "align_epochs", "align_lr", "align_samples_per_class", "al
 HEAD = ("head", "rp_dim")  # the prompt learners' linear (aligned) or ridge head
 DENSE_PROMPT = ("num_experts", "top_k", "layers", "init")  # a prompt in dense mode: no routing, noise or routing losses
 SMOPE = (*PROMPT_EXPERT_KEYS, "after_task_eval_noise", "warmup_epochs", *ALIGNMENT, *HEAD)
+HIDE_PROMPT = (
+    "pool_size", "prompt_length", "prompt_layers", "hide_tii_epochs", "hide_tii_lr", "hide_align_epochs", "hide_align_lr",
+    "hide_statistics", "hide_centroids", "hide_prompt_momentum", "hide_contrastive_weight",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ METHODS = (
     MethodSpec(
         "slca", "slca:SLCALearner", ("slca_backbone_lr", "slca_head_lr", "slca_align_epochs", "slca_logit_norm", "align", "align_samples_per_class")
     ),
+    MethodSpec("hide-prompt", "hide_prompt:HiDePromptLearner", HIDE_PROMPT),
+    MethodSpec("norga", "hide_prompt:NoRGaLearner", (*HIDE_PROMPT, "norga_gate")),
 )
 
 BY_NAME: dict[str, MethodSpec] = {name: spec for spec in METHODS for name in (spec.name, *spec.aliases)}

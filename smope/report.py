@@ -25,6 +25,7 @@ from .data import split_classes
 from .errors import SmopeError
 from .model import PEFT_KEY_PREFIX
 from .provenance import PROVENANCE_FILE, provenance_markdown
+from .prompt_choice import prompt_choice_markdown
 from .routing import summarize_records
 from .rundir import RunDir
 
@@ -380,6 +381,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
     if routing is not None:
         plots.append(plot_routing(routing, out / "routing.png"))
         text += "\n" + "\n".join(routing_markdown(routing))
+    if results.get("prompt_choice") is not None:
+        text += "\n" + "\n".join(prompt_choice_markdown(results["prompt_choice"]))
     summary = out / "summary.md"
     summary.write_text(text)
     return [*plots, summary]

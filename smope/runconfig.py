@@ -34,6 +34,8 @@ INTERPOLATION_CHOICES = ("bicubic", "bilinear")
 SPLIT_CHOICES = ("fixed", "random")
 HEADS = ("linear", "ridge")
 HEAD_INITS = ("timm", "torch")
+HIDE_STATISTICS = ("centroids", "full", "diag")  # hide-prompt / norga: k-means centroids with variances, covariance, variance
+NORGA_GATES = ("sigmoid", "tanh", "relu", "gelu", "softplus", "elu")  # the release's --gate_act choices
 
 
 @dataclass
@@ -148,6 +150,24 @@ class MethodConfig(PromptExpertSettings):
     # its epochs and its logit-normalisation temperature, SLCA's published 5 and 0.1 (0: no normalisation).
     slca_align_epochs: int = 5
     slca_logit_norm: float = 0.1
+    # hide-prompt and norga (smope/learners/hide_prompt.py cites the release for each default; the prompts use
+    # pool_size, prompt_length (keys + values) and prompt_layers: 10, 10 and [0, 1, 2, 3, 4] when null).
+    # Task-identity head (MLP on the frozen class token): epochs and learning rate per task.
+    hide_tii_epochs: int = 20
+    hide_tii_lr: float = 5e-4
+    # Realignment of both heads on sampled features after each task from the second (0 epochs: none).
+    hide_align_epochs: int = 30
+    hide_align_lr: float = 0.005
+    # Class statistics: "centroids" (k-means, per-cluster variance), "full" (covariance) or "diag";
+    # null = published (hide-prompt centroids, norga full).
+    hide_statistics: str | None = None
+    hide_centroids: int = 10
+    # Momentum of each task's prompt towards the mean of the earlier ones.
+    hide_prompt_momentum: float = 0.01
+    # Weight of the contrastive term against the stored class means (0.1 CIFAR-100, 0.5 ImageNet-R).
+    hide_contrastive_weight: float = 0.1
+    # norga: the gate g of s + alpha g(tau s) on the prefix-key scores (the released scripts' sigmoid).
+    norga_gate: str = "sigmoid"
 
 
 @dataclass
@@ -441,6 +461,8 @@ def validate(config: RunConfig) -> None:
         config.method.check_settings()
     except InvalidSettingError as exc:
         raise SmopeError(f"invalid method settings: {exc} (config keys method.*)") from exc
+    if config.method.name in ("hide-prompt", "norga"):
+        validate_hide(config.method, config.data.num_tasks)
     if config.method.rp_dim < 1:
         raise SmopeError(f"config key 'method.rp_dim' must be >= 1, got {config.method.rp_dim}")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
@@ -463,6 +485,26 @@ def check_pool_size(config: RunConfig) -> None:
             f"config key 'method.pool_size'={size} must be at least data.num_tasks={tasks} for {config.method.name} "
             "(one slice of the pool per task): raise method.pool_size"
         )
+def validate_hide(method: MethodConfig, num_tasks: int) -> None:
+    """What hide-prompt and norga cannot honour, refused before any model is built."""
+    if method.hide_statistics is not None and method.hide_statistics not in HIDE_STATISTICS:
+        raise SmopeError(
+            f"config key 'method.hide_statistics' must be one of {', '.join(HIDE_STATISTICS)} (or null: the method's published one), got {method.hide_statistics!r}"
+        )
+    if method.norga_gate not in NORGA_GATES:
+        raise SmopeError(f"config key 'method.norga_gate' must be one of {', '.join(NORGA_GATES)}, got {method.norga_gate!r}")
+    if method.pool_size is not None and method.pool_size < num_tasks:
+        raise SmopeError(f"config key 'method.pool_size'={method.pool_size} must be at least data.num_tasks={num_tasks} (one prompt per task), or null")
+    for key, low in (("hide_tii_epochs", 1), ("hide_align_epochs", 0), ("hide_centroids", 1)):
+        if getattr(method, key) < low:
+            raise SmopeError(f"config key 'method.{key}' must be >= {low}, got {getattr(method, key)}")
+    for key in ("hide_tii_lr", "hide_align_lr"):
+        if getattr(method, key) <= 0:
+            raise SmopeError(f"config key 'method.{key}' must be > 0, got {getattr(method, key)}")
+    if not 0 <= method.hide_prompt_momentum < 1:
+        raise SmopeError(f"config key 'method.hide_prompt_momentum' must be in [0, 1), got {method.hide_prompt_momentum}")
+    if method.hide_contrastive_weight < 0:
+        raise SmopeError(f"config key 'method.hide_contrastive_weight' must be >= 0, got {method.hide_contrastive_weight}")
 
 
 def dump_config(config: RunConfig) -> str:

@@ -28,6 +28,9 @@ TINY_SCALE = {
     "dualprompt": ["method.prompt_length=4", "method.g_prompt_length=2", "method.g_prompt_layers=[0]", "method.prompt_layers=[1]"],
     "coda-prompt": ["method.prompt_layers=[0, 1]"],
     "vq-prompt": ["method.prompt_layers=[0, 1]"],
+    # Fewer task-identity and realignment epochs than published (20, 30): seconds, not a minute, per run.
+    "hide-prompt": ["method.prompt_layers=[0, 1]", "method.prompt_length=4", "method.hide_tii_epochs=10", "method.hide_align_epochs=10"],
+    "norga": ["method.prompt_layers=[0, 1]", "method.prompt_length=4", "method.hide_tii_epochs=10", "method.hide_align_epochs=10"],
 }
 TWO_PASS = ("l2p", "dualprompt", "coda-prompt", "vq-prompt")
 
@@ -55,6 +58,7 @@ def test_learner_learns_and_its_checkpoints_reproduce_it(method, tmp_path):
     assert metrics["final_average_accuracy"] > 15.0  # chance is 10% over the 10 digits
     if method in ("smope", "dense-prompt", "joint", "l2p", "dualprompt", "coda-prompt", "prototype", "head-only", "lora"):
         assert ("routing" in metrics) == (method in ("smope", "dense-prompt", "joint"))  # only prompt experts route
+    assert ("prompt_choice" in metrics) == (method in ("hide-prompt", "norga"))  # only task-identity methods choose a task
     # Each task's checkpoint alone, loaded into a fresh learner, gives back the same accuracies.
     cli.main(["eval", str(out)])
     assert json.loads((out / "eval.json").read_text())["accuracy_matrix"] == metrics["accuracy_matrix"]

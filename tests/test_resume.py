@@ -11,8 +11,9 @@ from smope import SmopeError, cli
 from smope.learners import LEARNERS, create_learner
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
-# SMoPE's own resume is in test_experiment.py; joint trains everything at the first task. vq-prompt also aligns.
-RESUMED = ["coda-prompt", "dualprompt", "head-only", "l2p", "lora", "prototype", "vq-prompt"]
+# SMoPE's own resume is in test_experiment.py; joint trains everything at the first task. vq-prompt, hide-prompt
+# and norga also align (their statistics come back from every task's checkpoint).
+RESUMED = ["coda-prompt", "dualprompt", "head-only", "hide-prompt", "l2p", "lora", "norga", "prototype", "vq-prompt"]
 FAST = ["train.epochs=2"]
 
 

@@ -15,7 +15,8 @@ checkpoint in turn.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 
 from ..runconfig import RunConfig, TrainConfig
 from ..schedule import cosine_multipliers, lagged
-from ..trainer import Trainer, adamw
+from ..trainer import OptimizerFactory, Trainer, adamw
 
 if TYPE_CHECKING:
     from ..runconfig import MethodConfig
@@ -156,6 +157,8 @@ def align_head(
     iterations_per_epoch: int | None = None,
     trainer: Trainer | None = None,
     lag: bool = False,
+    optimizer: OptimizerFactory = adamw,
+    per_epoch_cosine: bool = False,
 ) -> None:
     """Retrain ``head`` on freshly sampled features each epoch (AdamW, per-iteration cosine to ``min_lr``).
 
@@ -165,7 +168,8 @@ def align_head(
     steps run through ``trainer`` (the run's precision, progress bar and divergence guard); by
     default a plain fp32 trainer on the head's device. ``lag`` (``train.schedule_lag``): the
     authors' scheduler, one step late, whose first step runs at the optimiser's starting rate,
-    :data:`RELEASE_ALIGN_START` x ``lr``.
+    :data:`RELEASE_ALIGN_START` x ``lr``. ``optimizer`` and ``per_epoch_cosine`` (torch's
+    ``CosineAnnealingLR`` over epochs, stepped once per epoch, to 0) give other methods' recipes.
     """
     if trainer is None:
         trainer = Trainer(RunConfig(train=TrainConfig(device=str(next(head.parameters()).device), progress=False)))
@@ -185,11 +189,18 @@ def align_head(
         return F.cross_entropy(head(features)[:, : seen.stop].float(), labels)
 
     head.train()
-    multipliers = cosine_multipliers(min_lr, [lr], max(1, epochs * per_epoch))
+    if per_epoch_cosine:
+        multipliers = [epoch_cosine(epochs, per_epoch)]
+    else:
+        multipliers = cosine_multipliers(min_lr, [lr], max(1, epochs * per_epoch))
     if lag:
         multipliers = [lagged(m, start=RELEASE_ALIGN_START) for m in multipliers]
-    optimizer = adamw(groups, weight_decay)
-    trainer.optimize(groups, optimizer, multipliers, epochs, per_epoch, batches, loss_fn, f"align {len(seen)} classes")
+    trainer.optimize(groups, optimizer(groups, weight_decay), multipliers, epochs, per_epoch, batches, loss_fn, f"align {len(seen)} classes")
+
+
+def epoch_cosine(epochs: int, per_epoch: int) -> Callable[[int], float]:
+    """torch's ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch, as a multiplier of step ``k``."""
+    return lambda step: 0.5 * (1 + math.cos(math.pi * (step // per_epoch) / epochs))
 
 
 def align_after_task(

@@ -11,7 +11,7 @@ A prompt of length L lives directly in a layer's key/value space, after the froz
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -58,8 +58,16 @@ class PrefixAttention(AttentionWrapper):
         k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
         if attn_mask is not None:
             attn_mask = F.pad(attn_mask, (prefix_k.shape[2], 0))
+        bias = self.prefix_score_bias(q, prefix_k)
+        if bias is not None:  # added to the prefix columns of the attention scores, before the softmax
+            bias = F.pad(bias, (0, k.shape[2] - prefix_k.shape[2]))
+            attn_mask = bias if attn_mask is None else bias + attn_mask
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout())
         return self.layout.output(self.base_layer, self.project_out(context, x))
+
+    def prefix_score_bias(self, q: torch.Tensor, prefix_k: torch.Tensor) -> torch.Tensor | None:
+        """A term added to the scaled scores q.k of the prefix keys (B, H, N, P); none for plain prefix tuning."""
+        return None
 
 
 class PromptPool(nn.Module):
@@ -96,11 +104,12 @@ def check_layers(key: str, layers: list[int], num_blocks: int) -> list[int]:
 class PrefixPromptedModel(nn.Module):
     """A frozen backbone whose forward is the query pass, the pool, then the prompted pass.
 
-    The classifier head stays trainable. Attribute access falls through to the backbone (its
+    The classifier head stays trainable. ``wrapper`` wraps each prompted block's attention
+    (:class:`PrefixAttention`, or a subclass that changes the prefix scores). Attribute access falls through to the backbone (its
     ``patch_embed``, ``get_classifier``, ``pretrained_cfg`` ...), as with :class:`~smope.model.SMoPEModel`.
     """
 
-    def __init__(self, backbone: nn.Module, pool: PromptPool) -> None:
+    def __init__(self, backbone: nn.Module, pool: PromptPool, wrapper: Callable[[nn.Module], PrefixAttention] = PrefixAttention) -> None:
         super().__init__()
         self.backbone = backbone
         self.pool = pool
@@ -109,7 +118,7 @@ class PrefixPromptedModel(nn.Module):
         self.prompted: dict[int, PrefixAttention] = {}
         for index in sorted(set(pool.layers)):
             name, attention = blocks[index]
-            self.prompted[index] = PrefixAttention(attention)
+            self.prompted[index] = wrapper(attention)
             replace_module(backbone, name, self.prompted[index])
         self.aux_loss: torch.Tensor | None = None
 

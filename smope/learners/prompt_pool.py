@@ -33,7 +33,7 @@ from ..runconfig import RunConfig, check_pool_size
 from ..trainer import Trainer
 from ..vit import find_attention_blocks
 from .base import Learner, TaskContext, cross_entropy_on
-from .prefix import Prefix, PrefixPromptedModel, PromptPool, check_layers, concat_prefixes, split_prefix
+from .prefix import Prefix, PrefixAttention, PrefixPromptedModel, PromptPool, check_layers, concat_prefixes, split_prefix
 
 
 class L2PPool(PromptPool):
@@ -201,10 +201,14 @@ class PromptPoolLearner(Learner):
         blocks = find_attention_blocks(backbone)
         attention = blocks[0][1]
         shape = BackboneShape(len(blocks), attention.num_heads * attention.head_dim, backbone.num_features)
-        self.model = PrefixPromptedModel(backbone, self.build_pool(shape)).to(self.device)
+        self.model = PrefixPromptedModel(backbone, self.build_pool(shape), self.prefix_attention).to(self.device)
 
     def build_pool(self, shape: BackboneShape) -> PromptPool:
         raise NotImplementedError
+
+    def prefix_attention(self, attention: nn.Module) -> PrefixAttention:
+        """The wrapper of a prompted block's attention: plain prefix tuning unless a method changes the scores."""
+        return PrefixAttention(attention)
 
     def setting(self, key: str):
         """``method.<key>``, or the method's published default when it is null."""

@@ -23,7 +23,6 @@ Numbers from the authors' release (github.com/GengDavid/SLCA, models/slca.py and
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -33,7 +32,7 @@ from ..backbones import create_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from ..vit import unfreeze_classifier
-from .alignment import ClassStatistics, KeepsClassStatistics
+from .alignment import ClassStatistics, KeepsClassStatistics, epoch_cosine
 from .base import Learner, TaskContext, cross_entropy_on
 
 MOMENTUM = 0.9  # SLCA's release
@@ -84,8 +83,7 @@ def slca_align(
 
     groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": lr}]
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    # torch's CosineAnnealingLR over epochs, stepped once per epoch, as the release does.
-    multipliers = [lambda step: 0.5 * (1 + math.cos(math.pi * (step // per_epoch) / epochs))]
+    multipliers = [epoch_cosine(epochs, per_epoch)]  # as the release steps it
     trainer.optimize(groups, optimizer, multipliers, epochs, per_epoch, batches, loss_fn, f"align {len(seen)} classes")
 
 

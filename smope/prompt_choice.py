@@ -1,0 +1,105 @@
+"""Prompt-choice analytics of task-identity methods (hide-prompt, norga): which task's prompt each test image chose.
+
+Those methods first predict a task for every test image and then run that task's prompt, so
+their accuracy is bounded by how often the prediction is right. A :class:`PromptChoiceTracker`
+counts, at every evaluation, the test images of each task that chose each task's prompt; the
+diagonal share is the task-identity accuracy. The counts go into the task checkpoints, so a
+resumed run reports the same numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed
+
+
+class PromptChoiceTracker:
+    """Per evaluation, a (tasks so far x tasks so far) count matrix: test task j's images that chose task k's prompt.
+
+    Inert for a model whose prompt pool records no per-image choice (``pool.last_choice``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        pool = getattr(model, "pool", None)
+        self.pool = pool if hasattr(pool, "last_choice") else None
+        self.records: list[list[list[int]]] = []
+        self._counts: torch.Tensor | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.pool is not None
+
+    def restore(self, records: list | None, tasks_done: int) -> None:
+        """Records saved with the last finished task; a run written without them stops tracking."""
+        if records is not None and len(records) == tasks_done:
+            self.records = [list(map(list, r)) for r in records]
+        elif self.enabled:
+            self.pool = None  # earlier evaluations are unknown: report none rather than a partial record
+
+    def begin_evaluation(self, task: int) -> None:
+        if self.enabled:
+            self._counts = torch.zeros(task + 1, task + 1, dtype=torch.int64)
+
+    def observe_test(self, test_task: int) -> None:
+        """After each test forward: count the tasks the batch's images chose."""
+        if self._counts is not None:
+            choice = self.pool.last_choice.cpu()
+            self._counts[test_task] += torch.bincount(choice, minlength=len(self._counts))[: len(self._counts)]
+
+    def end_evaluation(self) -> None:
+        if self._counts is not None:
+            self.records.append(distributed.all_reduce_sum(self._counts).tolist())
+            self._counts = None
+
+    def checkpoint_meta(self) -> dict:
+        return {"records": self.records}
+
+
+def task_identity_accuracy(counts: list[list[int]]) -> list[float]:
+    """Per test task, the percentage of its images that chose its own task's prompt."""
+    matrix = np.asarray(counts, dtype=np.float64)
+    return (100 * np.diag(matrix) / np.maximum(matrix.sum(1), 1)).tolist()
+
+
+def prompt_choice_metrics(seed_records: list[tuple[int, list | None]]) -> dict | None:
+    """metrics.json's ``prompt_choice``: the final evaluation's counts and task-identity accuracy per seed and their mean.
+
+    ``seed_records`` pairs each seed with its tracker's records (None where the method chooses no prompt).
+    """
+    done = [(seed, records) for seed, records in seed_records if records]
+    if not done:
+        return None
+    per_seed = [
+        {"seed": seed, "choice_counts": records[-1], "task_identity_accuracy": task_identity_accuracy(records[-1]),
+         "task_identity_accuracy_after_task": [float(np.mean(task_identity_accuracy(r))) for r in records]}
+        for seed, records in done
+    ]  # fmt: skip
+    accuracy = np.mean([run["task_identity_accuracy"] for run in per_seed], axis=0)
+    return {"task_identity_accuracy": accuracy.round(4).tolist(), "task_identity_accuracy_mean": round(float(accuracy.mean()), 4), "per_seed": per_seed}
+
+
+def prompt_choice_markdown(choice: dict) -> list[str]:
+    """The report's section: task-identity accuracy per test task, and seed 0's choice shares."""
+    seed = choice["per_seed"][0]
+    counts = np.asarray(seed["choice_counts"], dtype=np.float64)
+    shares = 100 * counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    tasks = range(1, len(counts) + 1)
+    lines = [
+        "## Prompt choice",
+        "",
+        "| test task | task-identity accuracy (%, mean over seeds) |",
+        "|---|---|",
+        *(f"| {t} | {a:.2f} |" for t, a in zip(tasks, choice["task_identity_accuracy"])),
+        f"| mean | {choice['task_identity_accuracy_mean']:.2f} |",
+        "",
+        f"Share of each test task's images (rows) that chose each task's prompt (columns), %, seed {seed['seed']}, after the last task:",
+        "",
+        "| test task | " + " | ".join(f"prompt {t}" for t in tasks) + " |",
+        "|---|" + "---|" * len(counts),
+        *(f"| {t} | " + " | ".join(f"{v:.1f}" for v in row) + " |" for t, row in zip(tasks, shares)),
+        "",
+    ]
+    return lines
