@@ -29,6 +29,7 @@ from .loggers import RunLoggers, check_loggers
 from .provenance import record_seed
 from .routing import RoutingTracker, routing_metrics
 from .runconfig import RunConfig
+from .stability import is_gated, routing_stability
 from .rundir import RunDir, log_entry, run_identity
 from .vit import count_parameters
 
@@ -102,6 +103,12 @@ class SeedRun:
     def restore(self, task: int, first: int = 0) -> dict:
         return load_learner_state(self.learner, self.run_dir, self.seed, task, first)
 
+    def stability(self) -> dict:
+        """Routing stability of the current model on every task's test images (:mod:`smope.stability`)."""
+        batch = self.config.train.eval_batch_size
+        tests = [self.scenario.test_dataset(t) for t in range(self.scenario.num_tasks)]
+        return routing_stability(self.learner.eval_features, self.learner.model, tests, lambda d: self.learner.trainer.loader(d, batch, shuffle=False))
+
     def chain(self) -> Chain:
         return self.run_dir.chain(self.seed)
 
@@ -173,6 +180,8 @@ class SeedRun:
             loggers.task_finished(task, rows[-1], self.routing.latest_scalars())
             if distributed.is_main():  # every process holds the same state and rows
                 self.save_task(task, rows, time.time() - started)
+        if self.routing.enabled and is_gated(self.learner.model):
+            self.routing.stability = self.stability()
         return {"seed": self.seed, **cl_metrics.summarize(rows, self.test_sizes())}
 
 

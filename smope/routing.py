@@ -28,6 +28,7 @@ from torch import nn
 from . import distributed
 from .layer import PromptedAttention
 from .model import expert_usage, prompted_layers
+from .stability import stability_metrics
 
 _BITS = 62  # experts packed per int64 word of a set code
 
@@ -116,6 +117,7 @@ class RoutingTracker:
         self._test_hits: torch.Tensor | None = None
         self._used: list[torch.Tensor] = []
         self._step_usage: torch.Tensor | None = None
+        self.stability: dict | None = None  # after the final task (smope.stability)
 
     @property
     def enabled(self) -> bool:
@@ -265,4 +267,5 @@ def routing_metrics(trackers: list[tuple[int, RoutingTracker]]) -> dict | None:
     if not per_seed:
         return None
     layout = next(tracker for _, tracker in trackers if tracker.enabled).describe()
-    return {**layout, "per_seed": per_seed}
+    stability = [{"seed": seed, **tracker.stability} for seed, tracker in trackers if tracker.stability is not None]
+    return {**layout, "per_seed": per_seed, **({"stability": stability_metrics(stability)} if stability else {})}
