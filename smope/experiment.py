@@ -27,7 +27,7 @@ from .errors import ConfigAdviceError, SmopeError
 from .learners import Learner, TaskContext, create_learner
 from .loggers import RunLoggers, check_loggers
 from .provenance import record_seed
-from .routing import RoutingTracker, routing_metrics
+from .routing import RoutingTracker, collapse_warnings, routing_metrics
 from .runconfig import RunConfig
 from .stability import is_gated, routing_stability
 from .rundir import RunDir, log_entry, run_identity
@@ -127,6 +127,9 @@ class SeedRun:
         entry = log_entry(meta)
         self.run_dir.append_log(entry)
         tqdm.write(f"seed {self.seed} task {task + 1}/{self.scenario.num_tasks}: average accuracy {entry['average_accuracy']:.2f}% ({seconds:.0f}s)")
+        if self.routing.enabled and is_gated(self.learner.model):
+            for line in collapse_warnings(self.routing.records, self.routing.names, self.routing.layers[0].top_k):
+                tqdm.write(f"seed {self.seed} task {task + 1}/{self.scenario.num_tasks}: {line}")
 
     def run(self) -> dict:
         chain = self.chain()
