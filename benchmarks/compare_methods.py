@@ -43,9 +43,13 @@ VARIANTS = {
     "ranpac-no-adapt": ("method.name=ranpac", "method.first_task_adapt=false"),
     # SLCA without its slow learner: frozen backbone, linear head, the same classifier alignment.
     "slca-frozen": ("method.name=slca", "method.slca_backbone_lr=0"),
+    # SMoPE with a load-balancing loss, or with the training noise scaled to the flagged experts' lead (docs/routing.md).
+    "smope-balance-0.01": ("method.name=smope", "method.balance_weight=0.01"),
+    "smope-balance-0.1": ("method.name=smope", "method.balance_weight=0.1"),
+    "smope-lead": ("method.name=smope", "method.noise_scale=lead"),
 }
 # Variants run only when --methods names them (docs/results.md's table lists them explicitly).
-ON_REQUEST = ("dense-prompt-ridge", "ranpac-no-adapt", "slca-frozen")
+ON_REQUEST = ("dense-prompt-ridge", "ranpac-no-adapt", "slca-frozen", "smope-balance-0.01", "smope-balance-0.1", "smope-lead")
 METHODS = [spec.name for spec in REGISTERED] + list(VARIANTS)
 DEFAULT_METHODS = [name for name in METHODS if name not in ON_REQUEST]
 # One short epoch on a few images per class: checks that every method runs end to end, nothing more.

@@ -30,8 +30,9 @@ from .learners import Learner, TaskContext, create_learner
 from .loggers import RunLoggers, check_loggers
 from .provenance import record_seed
 from .prompt_choice import PromptChoiceTracker, prompt_choice_metrics
-from .routing import RoutingTracker, combine_routing
+from .routing import RoutingTracker, collapse_warnings, combine_routing
 from .runconfig import RunConfig
+from .stability import is_gated, routing_stability
 from .rundir import RunDir, log_entry, run_identity
 from .trainer import resolve_device, resolve_precision
 from .vit import count_parameters
@@ -108,6 +109,12 @@ class SeedRun:
     def restore(self, task: int, first: int = 0) -> dict:
         return load_learner_state(self.learner, self.run_dir, self.seed, task, first)
 
+    def stability(self) -> dict:
+        """Routing stability of the current model on every task's test images (:mod:`smope.stability`)."""
+        batch = self.config.train.eval_batch_size
+        tests = [self.scenario.test_dataset(t) for t in range(self.scenario.num_tasks)]
+        return routing_stability(self.learner.eval_features, self.learner.model, tests, lambda d: self.learner.trainer.loader(d, batch, shuffle=False))
+
     def chain(self) -> Chain:
         return self.run_dir.chain(self.seed)
 
@@ -128,6 +135,9 @@ class SeedRun:
         entry = log_entry(meta)
         self.run_dir.append_log(entry)
         tqdm.write(f"seed {self.seed} task {task + 1}/{self.scenario.num_tasks}: average accuracy {entry['average_accuracy']:.2f}% ({seconds:.0f}s)")
+        if self.routing.enabled and is_gated(self.learner.model):
+            for line in collapse_warnings(self.routing.records, self.routing.names, self.routing.layers[0].top_k):
+                tqdm.write(f"seed {self.seed} task {task + 1}/{self.scenario.num_tasks}: {line}")
 
     def run(self) -> dict:
         chain = self.chain()
@@ -190,6 +200,8 @@ class SeedRun:
             loggers.task_finished(task, rows[-1], self.routing.latest_scalars())
             if distributed.is_main():  # every process holds the same state and rows
                 self.save_task(task, rows, time.time() - started)
+        if self.routing.enabled and is_gated(self.learner.model):
+            self.routing.stability = self.stability()
         return {"seed": self.seed, **cl_metrics.summarize(rows, self.test_sizes())}
 
 
@@ -227,6 +239,7 @@ class SeedOutcome(NamedTuple):
     routing: dict | None  # RoutingTracker.summary
     layout: dict | None  # RoutingTracker.describe, None without prompt experts
     choices: list | None  # PromptChoiceTracker.records, None for methods without a prompt choice
+    stability: dict | None  # routing stability after the final task, None without a gate
 
 
 def run_seeds(config: RunConfig, seeds: list[int], run_dir: RunDir) -> tuple[list[SeedOutcome], Learner]:
@@ -237,7 +250,8 @@ def run_seeds(config: RunConfig, seeds: list[int], run_dir: RunDir) -> tuple[lis
         result = seed_run.run()
         data, learner, tracker = seed_run.data, seed_run.learner, seed_run.routing
         choices = seed_run.choices.records if seed_run.choices.enabled else None
-        outcomes.append(SeedOutcome(seed, result, tracker.summary(seed), tracker.describe() if tracker.enabled else None, choices))
+        stability = {"seed": seed, **tracker.stability} if tracker.stability is not None else None
+        outcomes.append(SeedOutcome(seed, result, tracker.summary(seed), tracker.describe() if tracker.enabled else None, choices, stability))
     return outcomes, learner
 
 
@@ -279,7 +293,8 @@ def run_experiment(config: RunConfig) -> dict:
         finished = {o.seed: o for share in distributed.gather_objects(outcomes) for o in share}
         outcomes = [finished[seed] for seed in config.seeds]
     layouts = [o.layout for o in outcomes if o.layout is not None]
-    routing = combine_routing(layouts[0], [o.routing for o in outcomes if o.routing is not None]) if layouts else None
+    stability = [o.stability for o in outcomes if o.stability is not None]
+    routing = combine_routing(layouts[0], [o.routing for o in outcomes if o.routing is not None], stability) if layouts else None
     choices = prompt_choice_metrics([(o.seed, o.choices) for o in outcomes])
     result = metrics_result(config, [o.result for o in outcomes], learner, routing, choices)
     if distributed.is_main():  # only the main process of a data-parallel run writes the files

@@ -109,6 +109,19 @@ class PromptExperts(nn.Module):
         return ((nll * rows).sum(-1) / rows.sum(-1).clamp(min=1)).sum()
 
 
+def flagged_lead(scores: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+    """How far the best flagged expert scores above the best unflagged one: (B, H, E), (H, E) -> (B, H, 1).
+
+    0 where an unflagged expert already leads, or where a head has only flagged or only
+    unflagged experts (the shift then moves none or all alike).
+    """
+    low = torch.finfo(scores.dtype).min
+    best_flagged = scores.masked_fill(~flagged, low).amax(-1, keepdim=True)
+    best_unflagged = scores.masked_fill(flagged, low).amax(-1, keepdim=True)
+    both = (flagged.any(-1) & ~flagged.all(-1))[None, :, None]
+    return torch.where(both, (best_flagged - best_unflagged).clamp(min=0), torch.zeros_like(best_flagged))
+
+
 class PromptedAttention(AttentionWrapper):
     """Attention with a sparse mixture of prompt experts around a backbone's own attention module.
 
@@ -128,6 +141,8 @@ class PromptedAttention(AttentionWrapper):
         self.eval_noise = config.eval_noise
         self.router_weight = config.router_weight
         self.proto_weight = config.proto_weight
+        self.balance_weight = config.balance_weight
+        self.noise_scale = config.noise_scale
         self.experts = PromptExperts(self.num_heads, config.num_experts, self.head_dim, config.init)
         self.mode = "sparse"
         self.last_scores: torch.Tensor | None = None
@@ -157,7 +172,10 @@ class PromptedAttention(AttentionWrapper):
             if self.mode == "dense":
                 return scores, None, spread
             coef = self.experts.penalty_coefficients(self.training, self.noise_eps, self.eval_noise)
-            selected = (scores - coef.to(scores.dtype) * spread).topk(self.top_k, dim=-1).indices
+            shift = coef.to(scores.dtype) * spread
+            if self.training and self.noise_scale == "lead":
+                shift = shift + self.experts.frequent * flagged_lead(scores, self.experts.frequent)
+            selected = (scores - shift).topk(self.top_k, dim=-1).indices
         return scores, selected, spread
 
     def attend(
@@ -199,6 +217,18 @@ class PromptedAttention(AttentionWrapper):
         log_probs = (scores + self.noise_eps * spread * inactive).log_softmax(-1)
         return -log_probs.gather(-1, selected).mean(0).sum()
 
+    def balance_loss(self, scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """Switch-Transformer load balancing, per head: E x sum_e (share of selections) x (mean gate probability).
+
+        The share is not differentiable, so the gradient lowers the gate probability of the
+        experts the batch over-selects. 1 when the batch uses every expert alike, up to E / K when
+        all its images take the same K experts; averaged over heads (docs/routing.md#the-options).
+        """
+        num_experts = scores.shape[-1]
+        routed = F.one_hot(selected, num_experts).to(scores.dtype).mean(dim=(0, 2))  # (H, E), sums to 1 per head
+        gate = scores.softmax(-1).mean(0)  # the router loss's gate probabilities
+        return num_experts * (routed * gate).sum(-1).mean()
+
     def auxiliary_loss(self, scores: torch.Tensor, selected: torch.Tensor | None, spread: torch.Tensor) -> torch.Tensor | None:
         if not self.training or selected is None:
             return None
@@ -208,6 +238,9 @@ class PromptedAttention(AttentionWrapper):
         if self.proto_weight > 0:  # zero until experts are flagged; no data-dependent branch for torch.compile
             proto = self.proto_weight * self.experts.prototype_loss(self.top_k)
             loss = proto if loss is None else loss + proto
+        if self.balance_weight > 0:
+            balance = self.balance_weight * self.balance_loss(scores, selected)
+            loss = balance if loss is None else loss + balance
         return loss
 
     def prompted_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

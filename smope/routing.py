@@ -16,6 +16,7 @@ records go into the task checkpoints, so a resumed run reports the same numbers.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,8 +28,13 @@ from torch import nn
 from . import distributed
 from .layer import PromptedAttention, expert_counts
 from .model import expert_usage, prompted_layers
+from .stability import stability_metrics
 
 _BITS = 62  # experts packed per int64 word of a set code
+# Collapse warnings (docs/routing.md#collapse): a prompted layer whose task usage balance is below
+# COLLAPSE_BALANCE, or whose experts no task ever chose make up more than COLLAPSE_UNUSED of its experts.
+COLLAPSE_BALANCE = 0.1
+COLLAPSE_UNUSED = 0.5
 
 
 def set_codes(selected: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -71,6 +77,42 @@ def task_overlap(usage: np.ndarray, other: np.ndarray | None = None) -> np.ndarr
         share_a, share_b = (np.asarray(u, dtype=np.float64) / np.asarray(u).sum(-1, keepdims=True) for u in (usage, usage if other is None else other))
     common = np.minimum(share_a[:, None], share_b[None, :]).sum(-1).mean(-1)  # (T, T, L)
     return common.transpose(2, 0, 1)
+
+
+def layer_health(usage: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per task and layer, from per-task usage (T, L, H, E): usage balance (mean over heads; NaN
+    for a task without usage) and the share of experts no task up to then had chosen, both (T, L)."""
+    usage = np.asarray(usage, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a task without usage: every head NaN
+        balance = np.nanmean(normalised_entropy(usage, top_k), axis=-1)
+    unused = (np.cumsum(usage, axis=0) == 0).mean(axis=(-2, -1))
+    return balance, unused
+
+
+def collapse_flags(balance: float, unused: float) -> tuple[bool, bool]:
+    """Whether a layer's figures cross the collapse thresholds: (low balance, mostly unused)."""
+    return bool(np.isfinite(balance) and balance < COLLAPSE_BALANCE), bool(unused > COLLAPSE_UNUSED)
+
+
+def collapse_warnings(records: list[dict], names: list[str], top_k: int) -> list[str]:
+    """One line per prompted layer whose routing collapsed by the last task of ``records``."""
+    balance, unused = layer_health([r["usage"] for r in records], top_k)
+    num_experts = np.shape(records[0]["usage"])[-1]
+    lines = []
+    for name, b, u in zip(names, balance[-1], unused[-1]):
+        low, idle = collapse_flags(b, u)
+        parts = []
+        if low:
+            parts.append(f"usage balance {b:.3f} (below {COLLAPSE_BALANCE}): this task's images take nearly the same {top_k} experts whatever the input")
+        if idle:
+            parts.append(
+                f"{u * num_experts:.1f} of {num_experts} experts per head never chosen by any task ({u:.0%}, over {COLLAPSE_UNUSED:.0%}): "
+                "no task's images route to them, so they add nothing to what was learned"
+            )
+        if parts:
+            lines.append(f"routing collapse in {name}: {'; '.join(parts)}")
+    return lines
 
 
 def _selection(layer: PromptedAttention) -> torch.Tensor:
@@ -123,6 +165,7 @@ class RoutingTracker:
         self._test_hits: torch.Tensor | None = None
         self._used: list[torch.Tensor] = []
         self._step_usage: torch.Tensor | None = None
+        self.stability: dict | None = None  # after the final task (smope.stability)
 
     @property
     def enabled(self) -> bool:
@@ -264,6 +307,8 @@ def _json_floats(values: np.ndarray) -> list:
     return [_json_floats(v) for v in values] if np.ndim(values) > 0 else (None if np.isnan(values) else float(values))
 
 
-def combine_routing(layout: dict, per_seed: list[dict]) -> dict | None:
-    """metrics.json's ``routing`` from the layout and the seeds' summaries; None without any summary."""
-    return {**layout, "per_seed": per_seed} if per_seed else None
+def combine_routing(layout: dict, per_seed: list[dict], stability: list[dict] | None = None) -> dict | None:
+    """metrics.json's ``routing`` from the layout and the seeds' summaries (and stability figures); None without any summary."""
+    if not per_seed:
+        return None
+    return {**layout, "per_seed": per_seed, **({"stability": stability_metrics(stability)} if stability else {})}

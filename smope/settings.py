@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from .errors import InvalidSettingError
 
 INIT_CHOICES = ("uniform", "normal", "zeros")
+# What the training penalty of flagged experts is measured in (docs/routing.md#the-options).
+NOISE_SCALES = ("range", "lead")
 
 
 @dataclass
@@ -29,6 +31,11 @@ class PromptExpertSettings:
         router_weight: weight of the router loss (alpha_router).
         proto_weight: weight of the prototype loss (alpha_proto).
         init: initialisation of the prompt keys and values ("uniform" is U[0, 1), the reference).
+        balance_weight: weight of the auxiliary load-balancing loss on each training batch's
+            per-head expert usage (Switch Transformer style); 0, the paper's method, turns it off.
+        noise_scale: what the training penalty of flagged experts is measured in: "range" (the
+            paper's eps x score range) or "lead" (their lead over the best unflagged expert, plus
+            eps x the range), which always lets the best unflagged expert in.
     """
 
     num_experts: int = field(default=25, metadata={"help": "prompt experts per head and block"})
@@ -39,6 +46,8 @@ class PromptExpertSettings:
     router_weight: float = field(default=1e-5, metadata={"help": "router loss weight"})
     proto_weight: float = field(default=1e-5, metadata={"help": "prototype loss weight"})
     init: str = field(default="uniform", metadata={"help": f"prompt initialisation, one of {INIT_CHOICES}"})
+    balance_weight: float = field(default=0.0, metadata={"help": "load-balancing loss weight (0 = the paper's method)"})
+    noise_scale: str = field(default="range", metadata={"help": f"scale of the training noise, one of {NOISE_SCALES}"})
 
     def check_settings(self) -> None:
         """Raise :class:`~smope.errors.InvalidSettingError` naming the first setting out of range."""
@@ -50,11 +59,13 @@ class PromptExpertSettings:
             raise InvalidSettingError(f"noise_eps must be in [0, 1], got {self.noise_eps}")
         if self.eval_noise < 0:
             raise InvalidSettingError(f"eval_noise must be >= 0, got {self.eval_noise}")
-        for name in ("router_weight", "proto_weight"):
+        for name in ("router_weight", "proto_weight", "balance_weight"):
             if getattr(self, name) < 0:
                 raise InvalidSettingError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.init not in INIT_CHOICES:
             raise InvalidSettingError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
+        if self.noise_scale not in NOISE_SCALES:
+            raise InvalidSettingError(f"noise_scale must be one of {NOISE_SCALES}, got {self.noise_scale!r}")
         if not self.layers:
             raise InvalidSettingError("layers must list at least one block index, e.g. [0, 1, 2, 3, 4, 5]")
         if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
