@@ -10,6 +10,7 @@ Under ``torchrun`` every process runs this same loop on its shard of the data (s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -23,13 +24,15 @@ from . import metrics as cl_metrics
 from .checkpoint import Chain, chain_link, load_checkpoint, save_checkpoint
 from .data import ClassIncrementalScenario
 from .data.prepared import PreparedData, load_splits, prepare_data
-from .errors import ConfigAdviceError, SmopeError
+from .errors import ConfigAdviceError, DiskFullError, SmopeError, disk_full
 from .learners import Learner, TaskContext, create_learner
+from .learners.ridge import narrow_projection
 from .loggers import RunLoggers, check_loggers
 from .provenance import record_seed
 from .routing import RoutingTracker, routing_metrics
-from .runconfig import RunConfig
-from .rundir import RunDir, log_entry, run_identity
+from .runconfig import RunConfig, acting_dict
+from .rundir import RunDir, comparable, log_entry, run_identity
+from .trainer import bar_disabled
 from .vit import count_parameters
 
 
@@ -38,7 +41,7 @@ def task_seed(seed: int, task: int) -> int:
 
 
 def evaluate(
-    learner: Learner, scenario: ClassIncrementalScenario, task: int, progress: bool, on_batch: Callable[[int], None] | None = None
+    learner: Learner, scenario: ClassIncrementalScenario, task: int, progress: bool | None, on_batch: Callable[[int], None] | None = None
 ) -> list[float]:
     """Accuracy (percent) on each task 0..task's test set, predicting among all seen classes.
 
@@ -47,7 +50,7 @@ def evaluate(
     """
     seen = scenario.seen_classes(task)
     counts = torch.zeros(task + 1, 2, dtype=torch.int64)  # correct, total
-    for j in tqdm(range(task + 1), desc=f"evaluate after task {task + 1}", disable=not progress, leave=False):
+    for j in tqdm(range(task + 1), desc=f"evaluate after task {task + 1}", disable=bar_disabled(progress), leave=False):
         for images, labels in learner.trainer.loader(scenario.test_dataset(j), learner.config.train.eval_batch_size, shuffle=False):
             predictions = learner.logits(images)[:, : seen.stop].argmax(-1).cpu()
             counts[j] += torch.tensor([int((predictions == labels).sum()), len(labels)])
@@ -88,6 +91,11 @@ class SeedRun:
         num_classes = self.data.num_classes if raw is None else len(raw[0].classes)
         torch.manual_seed(task_seed(self.seed, 0))  # model initialisation (random heads, prompts)
         self.learner = create_learner(self.config, num_classes)
+        ridge = getattr(self.learner, "ridge", None)
+        if ridge is not None and distributed.is_main() and self.seed == self.config.seeds[0]:
+            warning = narrow_projection(*ridge.projection.shape)
+            if warning:
+                tqdm.write(warning)
         if self.config.train.compile:
             self.learner.compile()
         if raw is not None:
@@ -110,6 +118,7 @@ class SeedRun:
         previous = self.run_dir.checkpoint(self.seed, task - 1) if task > 0 else None
         meta = {
             **chain_link(self.run_id, self.seed, task, previous),
+            "config": comparable(acting_dict(self.config)),  # what run_id hashes, so a mismatch can say what differs
             "accuracy_matrix": rows,
             "num_tasks": self.scenario.num_tasks,
             "seconds": round(seconds, 2),
@@ -199,10 +208,25 @@ def metrics_result(config: RunConfig, per_seed: list[dict], learner: Learner, ro
 
 
 def run_experiment(config: RunConfig) -> dict:
-    """Run (or resume) every seed of ``config`` and write the outputs; returns metrics.json's content."""
+    """Run (or resume) every seed of ``config`` and write the outputs; returns metrics.json's content.
+
+    The main process holds the folder's writer lock throughout (:meth:`RunDir.exclusive`). A
+    full disk is a :class:`~smope.errors.DiskFullError`: the tasks finished before it stay on disk.
+    """
     run_dir = RunDir(config.output_dir)
     distributed.local_batch_size(config.train.batch_size, exact=True)  # an uneven split fails before any work
     check_loggers(config.train.loggers)
+    with run_dir.exclusive() if distributed.is_main() else contextlib.nullcontext():
+        try:
+            return _run_seeds(config, run_dir)
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            raise DiskFullError(exc, run_dir.path, "run the same command to resume (finished tasks are kept)") from exc
+
+
+def _run_seeds(config: RunConfig, run_dir: RunDir) -> dict:
+    """:func:`run_experiment`'s work: bind the folder, run each seed, write metrics.json."""
     if distributed.is_main():
         run_dir.bind(config)
     distributed.barrier()  # the others start once config.yaml is checked and written
@@ -227,15 +251,12 @@ def evaluate_run(path: Path) -> dict:
     """Re-evaluate every task checkpoint of a finished or partial run; writes eval.json."""
     run_dir = RunDir(path)
     config = run_dir.config()
+    finished = all(len(run_dir.finished_tasks(seed)) == config.data.num_tasks for seed in config.seeds)
+    run_dir.refuse_unfinished(finished, "its last task")
     per_seed, data = [], None
     for seed in config.seeds:
         seed_run = SeedRun(config, seed, run_dir, data)
-        chain = seed_run.chain()
-        if chain.problem:
-            raise SmopeError(
-                f"cannot evaluate {path}: {chain.problem}, so the checkpoints of seed {seed} after task {chain.length} "
-                f"do not follow from the ones before. Recompute them with: smope run {path / RunDir.CONFIG} output_dir={path}"
-            )
+        chain = run_dir.usable_chain(seed, "evaluate")
         if not chain.length:
             continue
         seed_run.build()
