@@ -12,6 +12,8 @@ middle is found (:func:`verify_chain`) instead of being skipped over.
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -24,30 +26,60 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import SmopeError
+from .errors import SmopeError, disk_full
 
 META_KEY = "smope"
+
+
+@functools.cache
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file (0644 under the usual umask 022); read once, as the umask can only be read by setting it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path`` in one step.
 
-    A crash mid-write leaves the previous file intact and no partial file under ``path``.
+    A crash mid-write leaves the previous file intact and no partial file under ``path``. The
+    file gets the mode of any other output (``mkstemp`` makes it 0600), and a full disk is an
+    ``OSError(ENOSPC)`` naming ``path`` whatever library wrote (safetensors raises its own type).
     """
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as exc:
+            if disk_full(exc) and not isinstance(exc, OSError):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+            raise
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written with :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)}))
+    save_safetensors(path, tensors, {META_KEY: json.dumps(meta)})
+
+
+def read_meta(path: Path) -> dict:
+    """A checkpoint's metadata alone (no tensors are read); a damaged file is a :class:`SmopeError`."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {})[META_KEY])
+    except Exception as exc:  # safetensors and json raise several types for damaged files
+        raise _damaged(path, exc) from exc
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -57,11 +89,15 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             meta = json.loads((handle.metadata() or {})[META_KEY])
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # safetensors and json raise several types for damaged files
-        raise SmopeError(
-            f"checkpoint {path} is damaged or not a smope checkpoint ({type(exc).__name__}: {exc}). "
-            f"Delete it and run the same command again: the run resumes from the task before it."
-        ) from exc
+        raise _damaged(path, exc) from exc
     return tensors, meta
+
+
+def _damaged(path: Path, exc: Exception) -> SmopeError:
+    return SmopeError(
+        f"checkpoint {path} is damaged or not a smope checkpoint ({type(exc).__name__}: {exc}). "
+        f"Delete it and run the same command again: the run resumes from the task before it."
+    )
 
 
 def file_sha256(path: Path) -> str:

@@ -1,13 +1,15 @@
 """The ``smope`` command line: run (or its --dry-run), eval, report, predict, export, params, flops.
 
 User-fixable problems (:class:`~smope.errors.SmopeError`) print one line and exit 2;
-an interrupted run says how to resume. Finished tasks are always on disk.
+an interrupted run (Ctrl-C: exit 130; SIGTERM, what a cluster scheduler sends before it
+preempts a job: exit 143) says how to resume. Finished tasks are always on disk.
 ``torchrun --nproc_per_node N -m smope run CONFIG`` runs data-parallel (see :mod:`smope.distributed`).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +33,14 @@ def _summary(metrics: dict, out: str) -> str:
     return "\n".join(lines)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt (a BaseException, so nothing swallows it)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from .runconfig import load_config
 
@@ -49,13 +59,17 @@ def cmd_run(args: argparse.Namespace) -> None:
     from . import distributed
     from .experiment import run_experiment
 
+    previous = signal.signal(signal.SIGTERM, _terminate)
     with distributed.data_parallel(config.train.device, config.train.parallel):  # under torchrun; nothing changes in one process
         try:
             metrics = run_experiment(config)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated) as exc:
+            why, status = ("interrupted", 130) if isinstance(exc, KeyboardInterrupt) else ("terminated (SIGTERM)", 143)
             if distributed.is_main():
-                print(f"\ninterrupted: finished tasks are saved in {config.output_dir}; run the same command to resume", file=sys.stderr)
-            raise SystemExit(130) from None
+                print(f"\n{why}: finished tasks are saved in {config.output_dir}; run the same command to resume", file=sys.stderr)
+            raise SystemExit(status) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if distributed.is_main():
             print(_summary(metrics, config.output_dir))
 
@@ -91,14 +105,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.top_k < 1:
         raise SmopeError(f"--top-k must be at least 1, got {args.top_k}")
     paths = image_paths(args.images)
-    results = predict(load_trained_run(args.run_dir, args.seed), paths, args.top_k)
+    results = predict(load_trained_run(args.run_dir, args.seed), paths, args.top_k, strict=args.strict)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .predict import export_adapter
 
-    out = export_adapter(args.run_dir, args.out_dir, args.seed)
+    out = export_adapter(args.run_dir, args.out_dir, args.seed, overwrite=args.overwrite)
     print(f"adapter written to {out}/ (adapter_config.json, adapter_model.safetensors, classes.json)")
 
 
@@ -142,18 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="output folder (required for several runs; default for one: RUN_DIR/report)")
     report.set_defaults(func=cmd_report)
 
-    predict = sub.add_parser("predict", help="top-k classes of images with a run's final checkpoint")
-    predict.add_argument("run_dir")
-    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-    predict.add_argument("--top-k", type=int, default=5)
+    predict = sub.add_parser(
+        "predict",
+        help="top-k classes of images with a run's final checkpoint",
+        description="Top-k classes of images with the last finished task's checkpoint of one seed of a run, "
+        "preprocessed as the run's test images were. Unreadable files are skipped with one line each on stderr.",
+    )
+    predict.add_argument("run_dir", help="a run's output_dir (holds config.yaml and seed_*/task_*.safetensors)")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched recursively for images")
+    predict.add_argument("--top-k", type=int, default=5, help="classes per image, at most the classes learned so far (default: %(default)s)")
     predict.add_argument("--seed", type=int, default=None, help="which seed's model (default: the run's first)")
-    predict.add_argument("--json", action="store_true", help="print JSON for scripts")
+    predict.add_argument("--json", action="store_true", help="print JSON for scripts (default: a table per image)")
+    predict.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of skipping it")
     predict.set_defaults(func=cmd_predict)
 
     export = sub.add_parser("export", help="save a run's final adapter in peft's layout (SMoPEModel.from_pretrained loads it)")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
     export.add_argument("--seed", type=int, default=None, help="which seed's model (default: the run's first)")
+    export.add_argument("--overwrite", action="store_true", help="replace an adapter already in out_dir")
     export.set_defaults(func=cmd_export)
 
     params = sub.add_parser("params", help="parameter counts of a method on a backbone (random weights, nothing downloaded)")

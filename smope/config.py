@@ -29,9 +29,14 @@ class SMoPEConfig(PromptExpertSettings, PeftConfig):
     Args:
         modules_to_save: backbone modules trained along with the prompts; ``None`` picks the
             classifier head automatically when the config is attached.
+        backbone: what the adapter was trained on, written by ``smope export``: ``model`` (timm
+            name), ``weights`` and ``source`` (as in a run's provenance.json), ``img_size``,
+            ``num_classes`` and ``kwargs`` (timm.create_model's extra arguments);
+            :meth:`~smope.SMoPEModel.from_pretrained` refuses a backbone that differs. ``None``: not recorded.
     """
 
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "extra trainable modules"})
+    backbone: dict | None = field(default=None, metadata={"help": "the backbone the adapter was trained on"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,8 +8,10 @@ catch it like any other exception.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class SmopeError(Exception):
@@ -38,6 +40,24 @@ class MissingExtraError(SmopeError, ImportError):
         )
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says "no space left on device" (or "disk quota exceeded"), also as the Rust I/O
+    error safetensors raises, whose text ends in "(os error 28)"."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, OSError):
+        return exc.errno in codes
+    return any(f"(os error {code})" in str(exc) for code in codes)
+
+
+class DiskFullError(SmopeError):
+    """The disk filled up while writing; the message names the folder to free space in."""
+
+    def __init__(self, exc: OSError, folder: str | Path, then: str = "run the same command again") -> None:
+        written = Path(exc.filename) if exc.filename else Path(folder)
+        where = written.parent if exc.filename else written
+        super().__init__(f"no space left on device while writing {written} ({exc.strerror or exc}): free space in {where}, then {then}")
+
+
 def one_line(exc: SmopeError) -> str:
     """The message of ``exc``; raised in a DataLoader worker, torch re-raises it with the worker's traceback prepended."""
     text = str(exc)
@@ -49,7 +69,12 @@ def one_line(exc: SmopeError) -> str:
 def exit_on_user_error(main: Callable[[], object]) -> None:
     """Run ``main``; a :class:`SmopeError` becomes one ``error: ...`` line on stderr and exit status 2 (CLI and scripts)."""
     try:
-        main()
+        try:
+            main()
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            raise DiskFullError(exc, Path.cwd()) from exc
     except SmopeError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -25,16 +25,17 @@ from . import metrics as cl_metrics
 from .checkpoint import Chain, chain_link, load_checkpoint, save_checkpoint
 from .data import ClassIncrementalScenario
 from .data.prepared import PreparedData, load_splits, prepare_data
-from .errors import ConfigAdviceError, SmopeError
+from .errors import ConfigAdviceError, DiskFullError, SmopeError, disk_full
 from .learners import Learner, TaskContext, create_learner
+from .learners.ridge import narrow_projection
 from .loggers import RunLoggers, check_loggers
 from .provenance import record_seed
 from .prompt_choice import PromptChoiceTracker, prompt_choice_metrics
 from .routing import RoutingTracker, collapse_warnings, combine_routing
-from .runconfig import RunConfig
+from .runconfig import RunConfig, acting_dict
+from .rundir import RunDir, comparable, log_entry, run_identity
 from .stability import is_gated, routing_stability
-from .rundir import RunDir, log_entry, run_identity
-from .trainer import resolve_device, resolve_precision
+from .trainer import bar_disabled, resolve_device, resolve_precision
 from .vit import count_parameters
 
 
@@ -43,7 +44,7 @@ def task_seed(seed: int, task: int) -> int:
 
 
 def evaluate(
-    learner: Learner, scenario: ClassIncrementalScenario, task: int, progress: bool, on_batch: Callable[[int], None] | None = None
+    learner: Learner, scenario: ClassIncrementalScenario, task: int, progress: bool | None, on_batch: Callable[[int], None] | None = None
 ) -> list[float]:
     """Accuracy (percent) on each task 0..task's test set, predicting among all seen classes.
 
@@ -52,7 +53,7 @@ def evaluate(
     """
     seen = scenario.seen_classes(task)
     counts = torch.zeros(task + 1, 2, dtype=torch.int64)  # correct, total
-    for j in tqdm(range(task + 1), desc=f"evaluate after task {task + 1}", disable=not progress, leave=False):
+    for j in tqdm(range(task + 1), desc=f"evaluate after task {task + 1}", disable=bar_disabled(progress), leave=False):
         for images, labels in learner.trainer.loader(scenario.test_dataset(j), learner.config.train.eval_batch_size, shuffle=False):
             predictions = learner.logits(images)[:, : seen.stop].argmax(-1).cpu()
             counts[j] += torch.tensor([int((predictions == labels).sum()), len(labels)])
@@ -94,6 +95,11 @@ class SeedRun:
         num_classes = self.data.num_classes if raw is None else len(raw[0].classes)
         torch.manual_seed(task_seed(self.seed, 0))  # model initialisation (random heads, prompts)
         self.learner = create_learner(self.config, num_classes)
+        ridge = getattr(self.learner, "ridge", None)
+        if ridge is not None and distributed.is_main() and self.seed == self.config.seeds[0]:
+            warning = narrow_projection(*ridge.projection.shape)
+            if warning:
+                tqdm.write(warning)
         if self.config.train.compile:
             self.learner.compile()
         if raw is not None:
@@ -123,6 +129,7 @@ class SeedRun:
         previous = self.run_dir.checkpoint(self.seed, task - 1) if task > 0 else None
         meta = {
             **chain_link(self.run_id, self.seed, task, previous),
+            "config": comparable(acting_dict(self.config)),  # what run_id hashes, so a mismatch can say what differs
             "accuracy_matrix": rows,
             "num_tasks": self.scenario.num_tasks,
             "seconds": round(seconds, 2),
@@ -270,7 +277,9 @@ def run_experiment(config: RunConfig) -> dict:
 
     Under torchrun, ``train.parallel: data`` splits every batch over the processes; ``seeds``
     gives each process whole seeds (:func:`~smope.distributed.seed_share`) and rank 0 writes
-    metrics.json once all of them have finished.
+    metrics.json once all of them have finished. The main process holds the folder's writer
+    lock throughout (:meth:`RunDir.exclusive`). A full disk is a
+    :class:`~smope.errors.DiskFullError`: the tasks finished before it stay on disk.
     """
     run_dir = RunDir(config.output_dir)
     config = with_resolved_precision(config)
@@ -279,6 +288,17 @@ def run_experiment(config: RunConfig) -> dict:
     if not by_seed:
         distributed.local_batch_size(config.train.batch_size, exact=True)  # an uneven split fails before any work
     check_loggers(config.train.loggers)
+    with run_dir.exclusive() if distributed.is_main() else contextlib.nullcontext():
+        try:
+            return _run_seeds(config, run_dir, by_seed, own_seeds)
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            raise DiskFullError(exc, run_dir.path, "run the same command to resume (finished tasks are kept)") from exc
+
+
+def _run_seeds(config: RunConfig, run_dir: RunDir, by_seed: bool, own_seeds: list[int]) -> dict:
+    """:func:`run_experiment`'s work: bind the folder, run this process's seeds, write metrics.json."""
     if distributed.is_main():
         run_dir.bind(config)
     distributed.barrier()  # the others start once config.yaml is checked and written
@@ -306,15 +326,12 @@ def evaluate_run(path: Path) -> dict:
     """Re-evaluate every task checkpoint of a finished or partial run; writes eval.json."""
     run_dir = RunDir(path)
     config = run_dir.config()
+    finished = all(len(run_dir.finished_tasks(seed)) == config.data.num_tasks for seed in config.seeds)
+    run_dir.refuse_unfinished(finished, "its last task")
     per_seed, data = [], None
     for seed in config.seeds:
         seed_run = SeedRun(config, seed, run_dir, data)
-        chain = seed_run.chain()
-        if chain.problem:
-            raise SmopeError(
-                f"cannot evaluate {path}: {chain.problem}, so the checkpoints of seed {seed} after task {chain.length} "
-                f"do not follow from the ones before. Recompute them with: smope run {path / RunDir.CONFIG} output_dir={path}"
-            )
+        chain = run_dir.usable_chain(seed, "evaluate")
         if not chain.length:
             continue
         seed_run.build()

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from .checkpoint import save_safetensors
 from .errors import SmopeError
 from .layer import PromptedAttention
 from .vit import SUPPORTED, classifier_names, count_parameters, find_attention_blocks, layout_of, replace_module, state_mismatch
@@ -71,7 +72,7 @@ class SMoPEModel(nn.Module):
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.peft_config.save_pretrained(str(directory))
-        save_file(self.adapter_state_dict(), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(directory / ADAPTER_WEIGHTS_NAME, self.adapter_state_dict(), {"format": "pt"})
 
     def load_adapter(self, directory: str | os.PathLike) -> None:
         """Load weights and state saved by :meth:`save_pretrained` into this (attached) model."""
@@ -103,9 +104,50 @@ class SMoPEModel(nn.Module):
             raise SmopeError(f"no {ADAPTER_CONFIG_NAME} in {directory}: expected a directory written by save_pretrained()")
         from .config import SMoPEConfig
 
-        smope_model = attach(model, SMoPEConfig.from_pretrained(str(directory)))
+        config = SMoPEConfig.from_pretrained(str(directory))
+        check_backbone(model, config.backbone, directory)
+        smope_model = attach(model, config)
         smope_model.load_adapter(directory)
         return smope_model
+
+
+def backbone_facts(model: nn.Module) -> dict:
+    """What can be read off a timm (or transformers) ViT: ``model`` (architecture), ``img_size``, ``num_classes``."""
+    facts = {}
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if architecture:
+        facts["model"] = architecture
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None) or getattr(getattr(model, "config", None), "image_size", None)
+    if img_size is not None:
+        facts["img_size"] = int(img_size[0] if isinstance(img_size, (tuple, list)) else img_size)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is None:
+        num_classes = getattr(getattr(model, "config", None), "num_labels", None)
+    if num_classes is not None:
+        facts["num_classes"] = int(num_classes)
+    return facts
+
+
+def check_backbone(model: nn.Module, recorded: dict | None, source: str | os.PathLike) -> None:
+    """Refuse ``model`` when it differs from the backbone an adapter recorded (architecture, input size, classes).
+
+    A prompt's shapes follow only the width and heads, so another input size or head would load
+    without a word and predict from position embeddings or classes the adapter never saw.
+    """
+    if not recorded:
+        return
+    facts = backbone_facts(model)
+    wanted = {key: recorded[key] for key in ("model", "img_size", "num_classes") if recorded.get(key) is not None}
+    if wanted.get("model"):
+        wanted["model"] = wanted["model"].split(".")[0]  # the architecture, without a weights tag
+    differ = [key for key in wanted if key in facts and facts[key] != wanted[key]]
+    if differ:
+        given = ", ".join(f"{key} {facts[key]}" for key in differ)
+        needed = ", ".join(f"{key} {wanted[key]}" for key in differ)
+        raise SmopeError(
+            f"the adapter in {source} was trained on another backbone ({needed}; this one has {given}): build it as recorded "
+            f"in {Path(source) / ADAPTER_CONFIG_NAME} under 'backbone', e.g. smope.backbones.create_backbone(ModelConfig(...), num_classes)"
+        )
 
 
 def attach(model: nn.Module, config: SMoPEConfig | None = None) -> SMoPEModel:

@@ -9,11 +9,13 @@ order come from ``provenance.json`` (or, for runs written before it, from the da
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, replace
 from itertools import accumulate
 from pathlib import Path
 
 import torch
+from PIL import UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
 
 from .data import class_order, split_classes
@@ -21,8 +23,8 @@ from .data.prepared import load_splits, split_transform
 from .errors import SmopeError
 from .experiment import load_learner_state, task_seed
 from .learners import Learner, create_learner
-from .model import SMoPEModel
-from .provenance import PROVENANCE_FILE
+from .model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, SMoPEModel, backbone_facts
+from .provenance import PROVENANCE_FILE, backbone_identity
 from .runconfig import RunConfig
 from .rundir import RunDir
 
@@ -64,11 +66,13 @@ def load_trained_run(run_dir: str | Path, seed: int | None = None) -> TrainedRun
     if not done:
         raise SmopeError(f"{run_dir} has no task checkpoint for seed {candidates[0] if seed is not None else config.seeds}: nothing trained yet")
     seed, tasks = done[0]
+    run_dir.refuse_unfinished(len(tasks) == config.data.num_tasks, f"seed {seed}")
+    last = run_dir.usable_chain(seed, "use").length - 1
     names, sizes = _classes(run_dir.path, config, seed)
     torch.manual_seed(task_seed(seed, 0))  # as the run did: a random-weight backbone (model.weights=none) comes back the same
     learner = create_learner(config, len(names))
-    load_learner_state(learner, run_dir, seed, tasks[-1])
-    return TrainedRun(config, seed, tasks[-1], learner, names, list(accumulate(sizes))[tasks[-1]])
+    load_learner_state(learner, run_dir, seed, last)
+    return TrainedRun(config, seed, last, learner, names, list(accumulate(sizes))[last])
 
 
 def image_paths(inputs: list[str]) -> list[Path]:
@@ -87,18 +91,35 @@ def image_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def predict(run: TrainedRun, paths: list[str | Path], top_k: int = 5) -> list[dict]:
-    """Top-k classes and probabilities per image, with the run's test transform."""
+def _unreadable(path: Path, exc: OSError) -> str:
+    """Why ``path`` could not be decoded, in words (PIL's own text shows a file object's repr)."""
+    return "not an image file PIL can read" if isinstance(exc, UnidentifiedImageError) else (exc.strerror or str(exc))
+
+
+def predict(run: TrainedRun, paths: list[str | Path], top_k: int = 5, strict: bool = False) -> list[dict]:
+    """Top-k classes and probabilities per image, with the run's test transform.
+
+    An unreadable file is skipped with one line on stderr (``strict``: it is an error instead);
+    none readable at all is an error.
+    """
     transform = split_transform(run.config, run.learner.model, train=False)
     k = min(top_k, run.seen)
     results = []
     batch_size = run.config.train.eval_batch_size
     for start in range(0, len(paths), batch_size):
-        batch = paths[start : start + batch_size]
-        try:
-            images = torch.stack([transform(pil_loader(str(p))) for p in batch])
-        except OSError as exc:
-            raise SmopeError(f"cannot read an image among {batch[0]} ... {batch[-1]} ({exc}); remove or fix it") from exc
+        batch, images = [], []
+        for path in map(Path, paths[start : start + batch_size]):
+            try:
+                images.append(transform(pil_loader(str(path))))
+            except OSError as exc:
+                if strict:
+                    raise SmopeError(f"cannot read image {path} ({_unreadable(path, exc)}); remove or fix it, or leave out --strict to skip it") from exc
+                print(f"skipped {path}: {_unreadable(path, exc)}", file=sys.stderr)
+                continue
+            batch.append(path)
+        if not batch:
+            continue
+        images = torch.stack(images)
         probabilities = run.learner.logits(images)[:, : run.seen].softmax(-1).cpu()
         best = probabilities.topk(k, dim=-1)
         for path, values, labels in zip(batch, best.values.tolist(), best.indices.tolist()):
@@ -106,6 +127,8 @@ def predict(run: TrainedRun, paths: list[str | Path], top_k: int = 5) -> list[di
                 "image": str(path),
                 "predictions": [{"label": i, "class": run.class_names[i], "probability": p} for i, p in zip(labels, values)],
             })
+    if not results:
+        raise SmopeError(f"none of the {len(paths)} file(s) given is a readable image; give image files ({', '.join(IMG_EXTENSIONS)})")
     return results
 
 
@@ -118,14 +141,45 @@ def format_predictions(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def export_adapter(run_dir: str | Path, out: str | Path, seed: int | None = None) -> Path:
-    """Save the run's final adapter in peft's layout, loadable by :meth:`smope.SMoPEModel.from_pretrained`."""
+def _check_export_target(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a folder already holding an adapter unless ``overwrite``: before any model is built."""
+    if out.exists() and not out.is_dir():
+        raise SmopeError(f"{out} is a file: give a folder for the adapter (adapter_config.json, adapter_model.safetensors, classes.json)")
+    held = [name for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) if (out / name).is_file()]
+    if held and not overwrite:
+        raise SmopeError(f"{out} already holds an adapter ({', '.join(held)}): add --overwrite to replace it, or give another folder")
+
+
+def backbone_record(run: TrainedRun, run_dir: str | Path) -> dict:
+    """adapter_config.json's ``backbone``: the run's model settings and weights' identity (from its provenance.json)."""
+    path = Path(run_dir) / PROVENANCE_FILE
+    identity = json.loads(path.read_text()).get("backbone") if path.is_file() else None
+    model = run.config.model
+    return {
+        **(identity or backbone_identity(model)),
+        "img_size": backbone_facts(run.learner.model.base_model)["img_size"],
+        "num_classes": len(run.class_names),
+        "kwargs": model.kwargs,
+    }
+
+
+def export_adapter(run_dir: str | Path, out: str | Path, seed: int | None = None, overwrite: bool = False) -> Path:
+    """Save the run's final adapter in peft's layout, loadable by :meth:`smope.SMoPEModel.from_pretrained`.
+
+    adapter_config.json records the backbone (:func:`backbone_record`), and peft's
+    ``base_model_name_or_path`` names its Hugging Face hub repository when the weights come from one.
+    """
+    out = Path(out)
+    _check_export_target(out, overwrite)
     run = load_trained_run(run_dir, seed)
     if not isinstance(run.learner.model, SMoPEModel):
         raise SmopeError(
             f"method.name={run.config.method.name} has no prompt-expert adapter; export works for smope, dense-prompt and joint runs"
         )
-    out = Path(out)
-    run.learner.model.save_pretrained(out)
+    model = run.learner.model
+    backbone = backbone_record(run, run_dir)
+    model.peft_config.backbone = backbone
+    model.peft_config.base_model_name_or_path = backbone.get("hf_hub_id")
+    model.save_pretrained(out)
     (out / "classes.json").write_text(json.dumps(run.class_names, indent=1))
     return out

@@ -53,6 +53,8 @@ def load_results(run_dir: Path) -> dict:
         raise SmopeError(f"{run_dir} is not a directory: give the output_dir of a run, e.g. 'smope report runs/demo'")
     run = RunDir(run_dir)
     metrics = run.read_json(RunDir.METRICS)
+    run.refuse_unfinished(metrics is not None, "metrics.json")
+    run.check_identity()
     if metrics is not None:
         return metrics
     config_path = run_dir / RunDir.CONFIG
@@ -71,8 +73,12 @@ def load_results(run_dir: Path) -> dict:
         }
         routing = routing_from_checkpoints(run_dir, seeds)
         return partial if routing is None else {**partial, "routing": routing}
+    if not config_path.is_file():
+        raise SmopeError(f"{run_dir} is not a run directory (it has no {RunDir.CONFIG}): give the output_dir of a run, e.g. 'smope report runs/demo'")
+    if not run.has_finished_tasks():
+        raise SmopeError(f"{run_dir} has no finished task yet, so nothing to report: run 'smope run {config_path} output_dir={run_dir}' first")
     raise SmopeError(
-        f"{run_dir} has no metrics.json: finish the run with 'smope run CONFIG output_dir={run_dir}' first, "
+        f"{run_dir} has no metrics.json: finish the run with 'smope run {config_path} output_dir={run_dir}', "
         f"or for a partial run evaluate its checkpoints with 'smope eval {run_dir}'"
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,7 +203,8 @@ class TrainConfig:
     precision: str = "auto"
     # false, true (= "default") or a torch.compile mode: default, reduce-overhead, max-autotune.
     compile: bool | str = False
-    progress: bool = True
+    # Progress bars: null = only when stderr is a terminal (none in log files), true/false = always/never.
+    progress: bool | None = None
     # Experiment trackers: tensorboard, wandb (offline unless WANDB_MODE is set); each needs its extra.
     loggers: list[str] = field(default_factory=list)
     # CUDA only: fp32 matrix products and convolutions may use TF32 tensor cores.
@@ -260,9 +262,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):  # .nan / .inf would fail hours later
+        raise SmopeError(f"config key '{key}' must be a finite number, got {value}")
     if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
     raise SmopeError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
@@ -277,7 +281,7 @@ def _apply(section: Any, values: dict, prefix: str = "") -> None:
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(prefix + h for h in hints)}"
             raise SmopeError(f"unknown config key '{key}'{hint}")
         current = getattr(section, name)
-        if isinstance(current, dict) and isinstance(value, dict):  # free-form mappings merge
+        if isinstance(current, dict) and isinstance(value, dict) and value:  # free-form mappings merge; {} clears
             value = {**current, **value}
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -373,10 +377,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if unread:
             raise _unread_keys_error(method, unread)
     default = MethodConfig()
-    for key in unread_method_keys(method, [f.name for f in dataclasses.fields(MethodConfig)]):
+    for key in inactive_method_keys(config):
         setattr(config.method, key, getattr(default, key))
     validate(config)
     return config
+
+
+def inactive_method_keys(config: RunConfig) -> set[str]:
+    """The ``method.*`` keys that change nothing in ``config``: those its method does not read, and
+    ``rp_dim`` of a prompt learner whose head is not the ridge head."""
+    method = config.method.name
+    keys = set(unread_method_keys(method, [f.name for f in dataclasses.fields(MethodConfig)]))
+    if "head" in spec_for(method).reads and config.method.head != "ridge":
+        keys.add("rp_dim")
+    return keys
+
+
+def acting_dict(config: RunConfig) -> dict[str, Any]:
+    """:meth:`RunConfig.to_dict` without the settings that do nothing (:func:`inactive_method_keys`): config.yaml's content."""
+    values = config.to_dict()
+    inactive = inactive_method_keys(config)
+    values["method"] = {key: value for key, value in values["method"].items() if key not in inactive}
+    return values
 
 
 def validate(config: RunConfig) -> None:
@@ -508,4 +530,5 @@ def validate_hide(method: MethodConfig, num_tasks: int) -> None:
 
 
 def dump_config(config: RunConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The YAML of config.yaml: every setting that acts (:func:`acting_dict`); the others are their defaults."""
+    return yaml.safe_dump(acting_dict(config), sort_keys=False)

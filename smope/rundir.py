@@ -8,13 +8,17 @@ Layout::
     eval.json                      written by ``smope eval``
     provenance.json                versions, backbone identity, class orders (:mod:`smope.provenance`)
     seed_<s>/task_<t>.safetensors  everything task t+1 needs (atomic; the resume points)
+    .lock                          the writer's lock, holding its process id
 
 A run directory binds to a configuration only once work was done in it: until the first
 task checkpoint exists, a new command into the same ``output_dir`` replaces ``config.yaml``
 (a failed start costs nothing). After that, another configuration is refused, and every
 error whose fix changes the configuration says how to proceed: a new ``output_dir``, or
-deleting the run. :class:`RunDir` is the only code that knows these names; readers such as
-``smope report`` use it without the experiment engine.
+deleting the run. Every checkpoint names its run (a hash of the configuration), and a
+``config.yaml`` that names another run (edited or replaced by hand) is refused by every
+reader. One ``smope run`` at a time writes a folder (:meth:`RunDir.exclusive`); readers take
+no lock but refuse what a running writer has not finished. :class:`RunDir` is the only code
+that knows these names; readers such as ``smope report`` use it without the experiment engine.
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from .checkpoint import Chain, atomic_write, verify_chain
-from .errors import SmopeError
-from .runconfig import RunConfig, dump_config, load_config
+from .checkpoint import Chain, atomic_write, read_meta, verify_chain
+from .errors import DiskFullError, SmopeError, disk_full
+from .runconfig import RunConfig, acting_dict, dump_config, load_config
 
 # Keys that change how a run executes but not its numbers: a resume may differ in them.
 EXECUTION_KEYS = {
@@ -50,9 +56,25 @@ def comparable(config: dict) -> dict:
     }
 
 
+def identity_of(values: dict) -> str:
+    """A short hash of a config dict's comparable part."""
+    return hashlib.sha256(json.dumps(comparable(values), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_identity(config: RunConfig) -> str:
-    """A short hash of the configuration's comparable part: the ``run`` recorded in every checkpoint."""
-    return hashlib.sha256(json.dumps(comparable(config.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
+    """The ``run`` recorded in every checkpoint: :func:`identity_of` the settings that act (config.yaml's content).
+
+    Runs written before config.yaml held only those hashed the whole config; their saved file
+    still hashes to it as written (:meth:`RunDir.saved_identities`).
+    """
+    return identity_of(acting_dict(config))
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+    """``section.key`` of every comparable setting whose value differs between two config dicts."""
+    saved, current = comparable(saved), comparable(current)
+    sections = [s for s in {**saved, **current} if isinstance(current.get(s, saved.get(s)), dict)]
+    return [f"{s}.{k}" for s in sections for k in {**saved.get(s, {}), **current.get(s, {})} if saved.get(s, {}).get(k) != current.get(s, {}).get(k)]
 
 
 def log_entry(meta: dict) -> dict:
@@ -79,6 +101,8 @@ class RunDir:
     METRICS_CSV = "metrics.csv"
     LOG = "log.jsonl"
     EVAL = "eval.json"
+    LOCK = ".lock"
+    LOCK_WAIT = 0.5  # seconds a starting run retries while a reader probes the lock
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -101,9 +125,21 @@ class RunDir:
         return any(self.path.glob("seed_*/task_*.safetensors"))
 
     def chain(self, seed: int) -> Chain:
-        """The checkpoints of ``seed`` that can be resumed from or evaluated (see :func:`~smope.checkpoint.verify_chain`)."""
+        """The checkpoints of ``seed`` that can be resumed from or evaluated (see :func:`~smope.checkpoint.verify_chain`),
+        once their run is config.yaml's (:meth:`check_identity`)."""
         done = self.finished_tasks(seed)
+        self.check_identity(seeds=[seed])
         return verify_chain([self.checkpoint(seed, t) for t in range(done[-1] + 1 if done else 0)], seed)
+
+    def usable_chain(self, seed: int, doing: str) -> Chain:
+        """:meth:`chain`, refusing one with a broken link: what follows it was not trained from what is on disk."""
+        chain = self.chain(seed)
+        if chain.problem:
+            raise SmopeError(
+                f"cannot {doing} {self.path}: {chain.problem}, so the checkpoints of seed {seed} after task {chain.length} "
+                f"do not follow from the ones before. Recompute them with: smope run {self.path / self.CONFIG} output_dir={self.path}"
+            )
+        return chain
 
     # Configuration -------------------------------------------------------------------------
     def config(self) -> RunConfig:
@@ -113,26 +149,143 @@ class RunDir:
             raise SmopeError(f"{self.path} is not a run directory: it has no {self.CONFIG} (run 'smope run CONFIG' first)")
         return load_config(path, strict=False)
 
+    def saved_identities(self) -> set[str]:
+        """The run identities config.yaml stands for: its content hashed as written, and as read today.
+
+        The first is what the run that wrote it recorded, also for runs of earlier versions; the
+        second forgives edits that change no setting (a key spelled out at its default).
+        """
+        raw = yaml.safe_load((self.path / self.CONFIG).read_text()) or {}
+        return {identity_of(raw), run_identity(self.config())}
+
+    def check_identity(self, config: RunConfig | None = None, seeds: list[int] | None = None) -> None:
+        """Refuse checkpoints whose recorded run is not ``config``'s (default: config.yaml's, when there is one).
+
+        Only the first checkpoint of each seed (default: every seed on disk) is read:
+        :func:`~smope.checkpoint.verify_chain` ties the later ones to it.
+        """
+        if config is not None:
+            identities, described_by = {run_identity(config)}, "this command's configuration"
+        elif (self.path / self.CONFIG).is_file():
+            config, identities, described_by = self.config(), self.saved_identities(), str(self.path / self.CONFIG)
+        else:
+            return
+        firsts = sorted(self.path.glob("seed_*/task_000.safetensors")) if seeds is None else [self.checkpoint(s, 0) for s in seeds]
+        for first in filter(Path.is_file, firsts):
+            meta = read_meta(first)
+            if meta.get("run") is None or meta["run"] in identities:  # None: written before checkpoints named their run
+                continue
+            trained = meta.get("config")  # recorded since config.yaml holds only settings that act
+            changed = f" (they differ in {', '.join(differences(trained, acting_dict(config)))})" if trained else ""
+            raise SmopeError(
+                f"{first} was trained as run {meta['run']}, but {described_by} describes run {run_identity(config)}{changed}. "
+                f"Restore the config.yaml the checkpoints were trained with, or set output_dir to another folder for this configuration"
+            )
+
     def bind(self, config: RunConfig) -> None:
         """Write config.yaml, refusing to mix finished tasks of another configuration.
 
-        Runs before any work, so an unwritable ``output_dir`` fails at once.
+        Runs before any work, so an unwritable ``output_dir`` fails at once. Once tasks have
+        finished, config.yaml must still describe their checkpoints, and is rewritten only in
+        the keys a resume may change (:data:`EXECUTION_KEYS`), so it keeps hashing to their run.
         """
         out = self.path
-        if (out / self.CONFIG).is_file() and self.has_finished_tasks():
-            saved = comparable(self.config().to_dict())
-            current = comparable(config.to_dict())
-            if saved != current:
-                diff = [f"{s}.{k}" for s in current if isinstance(current[s], dict) for k in current[s] if saved.get(s, {}).get(k) != current[s][k]]
-                raise SmopeError(
-                    f"{out} holds finished tasks of a run with a different configuration (differs in: {', '.join(diff) or 'sections'}). "
-                    f"Set output_dir to a new folder, or delete {out} to start over"
-                )
+        text = dump_config(config)
+        if self.has_finished_tasks():
+            if not (out / self.CONFIG).is_file():
+                self.check_identity(config)
+            else:
+                self.check_identity()
+                diff = differences(self.config().to_dict(), config.to_dict())
+                if diff:
+                    raise SmopeError(
+                        f"{out} holds finished tasks of a run with a different configuration (differs in: {', '.join(diff)}). "
+                        f"Set output_dir to a new folder, or delete {out} to start over"
+                    )
+                text = self._with_execution_keys(config)
         try:
             out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out / self.CONFIG, dump_config(config))
+            write_text_atomic(out / self.CONFIG, text)
         except OSError as exc:
+            if disk_full(exc):
+                raise DiskFullError(exc, out, "run the same command again") from exc
             raise SmopeError(f"cannot write to output_dir {out} ({exc.strerror or exc}); set output_dir to a writable folder") from exc
+
+    def _with_execution_keys(self, config: RunConfig) -> str:
+        """config.yaml as saved, with the :data:`EXECUTION_KEYS` of ``config`` (more seeds, another device)."""
+        saved = yaml.safe_load((self.path / self.CONFIG).read_text())
+        current = config.to_dict()
+        for *sections, key in EXECUTION_KEYS:
+            source, target = current, saved
+            for section in sections:
+                source, target = source[section], target.setdefault(section, {})
+            target[key] = source[key]
+        return yaml.safe_dump(saved, sort_keys=False)
+
+    # Writer lock -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Be the folder's only writer while the block runs: an OS lock (``flock``) on :attr:`LOCK`.
+
+        The kernel drops the lock when the process ends, however it ends, so a killed run leaves
+        no stale lock. A second writer is refused at once, naming the process that holds it.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / self.LOCK, "a+")
+        except OSError as exc:
+            if disk_full(exc):
+                raise DiskFullError(exc, self.path, "run the same command again") from exc
+            raise SmopeError(f"cannot write to output_dir {self.path} ({exc.strerror or exc}); set output_dir to a writable folder") from exc
+        with handle:
+            deadline = time.monotonic() + self.LOCK_WAIT
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise SmopeError(
+                            f"output_dir {self.path} is being written by another smope run (process {self._holder(handle)}): "
+                            "wait for it to finish, or set output_dir to another folder"
+                        ) from None
+                    time.sleep(0.02)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+
+    @staticmethod
+    def _holder(handle) -> str:
+        handle.seek(0)
+        return handle.read().strip() or "unknown"
+
+    def writer(self) -> str | None:
+        """The process id of the smope run writing this folder now, or None.
+
+        Probes the lock with a shared ``flock`` released at once, so readers never block a writer
+        for longer than that (a starting writer retries for :attr:`LOCK_WAIT`).
+        """
+        try:
+            handle = open(self.path / self.LOCK)
+        except OSError:
+            return None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self._holder(handle)
+        return None
+
+    def refuse_unfinished(self, finished: bool, what: str) -> None:
+        """Refuse to read ``what`` while a run writes this folder and has not ``finished`` it."""
+        holder = None if finished else self.writer()
+        if holder is not None:
+            raise SmopeError(
+                f"{self.path} is being written by smope run (process {holder}) and {what} is not finished yet: "
+                "wait for that run to end, then run this command again"
+            )
 
     def change_advice(self) -> str:
         """How to act on advice that changes the configuration, given what the folder already holds."""

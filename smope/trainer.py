@@ -38,6 +38,11 @@ class PendingLoss(NamedTuple):
     lrs: list[float]
 
 
+def bar_disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for ``train.progress``: None (the default) lets tqdm switch bars off when stderr is not a terminal."""
+    return None if progress is None else not progress
+
+
 def resolve_device(name: str) -> torch.device:
     """The device ``train.device`` names; in data-parallel runs CUDA means this process's ``cuda:LOCAL_RANK``."""
     if name == "auto":
@@ -174,7 +179,7 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         params = [p for g in param_groups for p in g["params"]]
-        bar = tqdm(total=max(1, epochs * steps_per_epoch), desc=description, disable=not self.config.train.progress, leave=False, unit="it")
+        bar = tqdm(total=max(1, epochs * steps_per_epoch), desc=description, disable=bar_disabled(self.config.train.progress), leave=False, unit="it")
         guard = DivergenceGuard(self.config, description, param_groups, self.precision)
         pending: list[PendingLoss] = []
         try:

@@ -293,7 +293,24 @@ def test_imagefolder_mismatched_splits(tmp_path: Path) -> None:
 def test_imagefolder_empty_class_folder(tmp_path: Path) -> None:
     _write_images(tmp_path / "a", 3)
     (tmp_path / "b").mkdir()
-    with pytest.raises(SmopeError, match="no valid file for the classes b"):
+    with pytest.raises(SmopeError, match="class folder .*b holds no images"):
+        load_dataset("imagefolder", str(tmp_path), True)
+
+
+def test_imagefolder_skips_hidden_and_system_folders(tmp_path: Path) -> None:
+    """__MACOSX and dot-names are not classes nor images; a nested sub-folder is read as part of its class."""
+    for name in ("a", "b", "__MACOSX/a", ".git", "a/extra"):
+        _write_images(tmp_path / name, 3)
+    _write_images(tmp_path / "a" / ".hidden", 2)
+    train, test = (load_dataset("imagefolder", str(tmp_path), part) for part in (True, False))
+    assert train.classes == ["a", "b"]
+    assert len(train) + len(test) == 9  # a: 3 + 3 in a/extra, b: 3
+
+
+def test_class_with_one_image_names_its_folder(tmp_path: Path) -> None:
+    _write_images(tmp_path / "a", 3)
+    _write_images(tmp_path / "café", 1)
+    with pytest.raises(SmopeError, match="class folder .*café has 1 image"):
         load_dataset("imagefolder", str(tmp_path), True)
 
 

@@ -122,7 +122,7 @@ def test_changed_config_does_not_mix_with_an_old_run(finished_run, capsys):
 def test_a_key_added_since_the_run_resumes_at_its_default(finished_run, tmp_path, capsys):
     out = copy_of(finished_run, tmp_path)
     config = yaml.safe_load((out / "config.yaml").read_text())
-    del config["method"]["lora_lr"]  # as written by a version without that key
+    del config["method"]["align_steps"]  # as written by a version without that key
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     run_cli("run", TINY, f"output_dir={out}")
     captured = capsys.readouterr()

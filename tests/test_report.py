@@ -64,9 +64,11 @@ def test_summary_has_a_routing_row_per_task(finished_run, report):
     assert f"| {heads_with_one_set} of 8 |" in rows[0]
 
 
-def test_run_without_metrics_names_the_fix(tmp_path):
-    with pytest.raises(SmopeError, match="has no metrics.json.*smope run.*smope eval"):
+def test_folder_that_is_not_a_run_says_so(tmp_path):
+    """No config.yaml: not a run (smope eval would refuse it too, so it is not suggested)."""
+    with pytest.raises(SmopeError, match="is not a run directory") as caught:
         write_report(tmp_path)
+    assert "smope eval" not in str(caught.value)
 
 
 def test_partial_run_is_reported_from_eval_json(finished_run, tmp_path):

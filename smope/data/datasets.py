@@ -31,7 +31,7 @@ from PIL import Image
 from timm.data import ImageNetInfo
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset, pil_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset, pil_loader
 
 from smope.errors import SmopeError
 
@@ -100,13 +100,17 @@ class FileDataset(Dataset):
     ``split_file`` is the file that defines which images form this split (ImageNet-R's fixed
     split, CUB's ``train_test_split.txt``), so a run's provenance can record its hash; None
     when the split is drawn by :func:`split_per_class` or given by the folder layout.
+    ``folders`` holds each class's folder when the classes are folders (:func:`scan_folder`).
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: list[str], split_file: Path | None = None) -> None:
+    def __init__(
+        self, samples: Sequence[tuple[str, int]], classes: list[str], split_file: Path | None = None, folders: list[Path] | None = None
+    ) -> None:
         self.samples = list(samples)
         self.targets = [label for _, label in self.samples]
         self.classes = list(classes)
         self.split_file = split_file
+        self.folders = folders  # the folder of each class, for image folders (messages and the dry run name it)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -119,20 +123,24 @@ class FileDataset(Dataset):
             raise SmopeError(f"cannot read image {path} ({err}); delete or replace that file, then run the same command again") from err
 
 
-def split_per_class(targets: Sequence[int], train: bool, test_fraction: float = TEST_FRACTION) -> list[int]:
+def split_per_class(
+    targets: Sequence[int], train: bool, test_fraction: float = TEST_FRACTION, names: Sequence[str | Path] | None = None
+) -> list[int]:
     """Indices of the train (or test) part of a stratified split drawn with :data:`SPLIT_SEED`.
 
     Each class is shuffled by its own generator seeded with ``(SPLIT_SEED, label)``, so a class's
     split does not change when other classes are added or removed. Indices come back sorted,
-    which keeps the dataset's own order inside each part.
+    which keeps the dataset's own order inside each part. ``names`` (a class's folder or name,
+    by label) is what messages call a class.
     """
     targets = np.asarray(targets)
     chosen = []
     for label in np.unique(targets):
         members = np.flatnonzero(targets == label)
         if len(members) < 2:
+            which = f"class {int(label)}" if names is None else f"class folder {names[label]}"
             raise SmopeError(
-                f"class {int(label)} has {len(members)} image(s); splitting it into train and test "
+                f"{which} has {len(members)} image(s); splitting it into train and test "
                 "needs at least 2. Add images or remove that class folder."
             )
         n_test = min(max(1, round(test_fraction * len(members))), len(members) - 1)
@@ -145,7 +153,12 @@ def _subset(dataset: ArrayDataset | FileDataset, indices: list[int]) -> ArrayDat
     """A copy restricted to ``indices`` (cheap: arrays are sliced, folders keep only paths)."""
     if isinstance(dataset, ArrayDataset):
         return ArrayDataset(dataset.images[indices], [dataset.targets[i] for i in indices], dataset.classes)
-    return FileDataset([dataset.samples[i] for i in indices], dataset.classes)
+    return FileDataset([dataset.samples[i] for i in indices], dataset.classes, folders=dataset.folders)
+
+
+def _split_folder(full: FileDataset, train: bool) -> FileDataset:
+    """The train (or test) part of an image folder without a split of its own."""
+    return _subset(full, split_per_class(full.targets, train, names=full.folders))
 
 
 def _not_found(what: str, root: Path | None, where: str | None) -> SmopeError:
@@ -199,17 +212,45 @@ def _load_cifar100(root: Path | None, train: bool, download: bool) -> LabelledDa
 # ---------------------------------------------------------------------------------------- folders
 
 
-def _scan_folder(directory: Path) -> FileDataset:
-    """``directory/<class>/<image>`` via torchvision's ImageFolder scanning, errors made helpful."""
+SYSTEM_FOLDERS = ("__MACOSX", "System Volume Information", "$RECYCLE.BIN", "@eaDir")
+"""Folders that archivers and operating systems add (macOS zip resource forks, Windows, Synology): never classes."""
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in SYSTEM_FOLDERS
+
+
+def class_folders(directory: Path) -> list[str]:
+    """The class folders of an image folder, sorted: every sub-folder but hidden and system ones (:data:`SYSTEM_FOLDERS`)."""
     try:
-        classes, class_to_idx = find_classes(directory)
-        samples = make_dataset(directory, class_to_idx, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as err:
+        return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not _hidden(entry.name))
+    except OSError as err:
+        raise SmopeError(f"cannot list the class folders of {directory} ({err.strerror or err}); check data.root") from err
+
+
+def scan_folder(directory: Path) -> FileDataset:
+    """``directory/<class>/<image>`` in torchvision's ImageFolder order, without hidden files and folders.
+
+    Sub-folders of a class folder are read as part of that class (ImageFolder's rule); the dry
+    run counts their images apart, so a misplaced folder shows. Names starting with "." (macOS's
+    ``._`` resource forks among them) and :data:`SYSTEM_FOLDERS` are skipped at every depth.
+    """
+    classes = class_folders(directory)
+    if not classes:
+        raise SmopeError(f"expected class folders of images (<class>/<image>{IMG_EXTENSIONS[0]}) in {directory}, but it has none")
+
+    def visible_image(path: str) -> bool:
+        parts = Path(path).relative_to(directory).parts
+        return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(map(_hidden, parts))
+
+    samples = make_dataset(directory, {name: i for i, name in enumerate(classes)}, is_valid_file=visible_image, allow_empty=True)
+    empty = sorted(set(range(len(classes))) - {label for _, label in samples})
+    if empty:
         raise SmopeError(
-            f"expected class folders of images (<class>/<image>{IMG_EXTENSIONS[0]}) in {directory}, "
-            f"but: {str(err).rstrip('. ')}. Check that the dataset was extracted completely."
-        ) from err
-    return FileDataset(samples, classes)
+            f"class folder {directory / classes[empty[0]]} holds no images ({', '.join(IMG_EXTENSIONS)})"
+            f"{f' (nor do {len(empty) - 1} other class folders)' if len(empty) > 1 else ''}; add images or remove it"
+        )
+    return FileDataset(samples, classes, folders=[directory / name for name in classes])
 
 
 def _imagenet_r_names(wnids: list[str]) -> list[str]:
@@ -240,9 +281,9 @@ def _load_imagenet_r(root: Path | None, train: bool, download: bool, split: str 
     root = _require_root(root, "the ImageNet-R folder (imagenet-r/<wnid>/*.jpg)", f"{tarball} (extract it)")
     folder = root / "imagenet-r" if (root / "imagenet-r").is_dir() else root
     if split == "random":
-        full = _scan_folder(folder)
+        full = scan_folder(folder)
         full.classes = _imagenet_r_names(full.classes)
-        return _subset(full, split_per_class(full.targets, train))
+        return _split_folder(full, train)
     rows, wnids = _read_split_file(IMAGENET_R_SPLIT_FILE)
     part = "train" if train else "test"
     samples = [(os.path.join(folder, file), label) for row_split, file, label in rows if row_split == part]
@@ -259,10 +300,8 @@ def _load_imagefolder(root: Path | None, train: bool, download: bool) -> Labelle
     layouts = "an image folder (<class>/<image>, or train/<class>/... and test/<class>/...)"
     root = _require_root(root, layouts, None)
     if not ((root / "train").is_dir() and (root / "test").is_dir()):
-        full = _scan_folder(root)
-        return _subset(full, split_per_class(full.targets, train))
-    train_classes, _ = find_classes(root / "train")
-    test_classes, _ = find_classes(root / "test")
+        return _split_folder(scan_folder(root), train)
+    train_classes, test_classes = class_folders(root / "train"), class_folders(root / "test")
     if train_classes != test_classes:
         only_train = sorted(set(train_classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(train_classes))
@@ -270,7 +309,7 @@ def _load_imagefolder(root: Path | None, train: bool, download: bool) -> Labelle
             f"the class folders of {root / 'train'} and {root / 'test'} differ (only in train: {only_train}, "
             f"only in test: {only_test}); give both splits the same class folders."
         )
-    return _scan_folder(root / ("train" if train else "test"))
+    return scan_folder(root / ("train" if train else "test"))
 
 
 # ---------------------------------------------------------------------------------------- cub200

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..runconfig import NORGA_GATES, RunConfig
+from ..runconfig import RunConfig
 from ..trainer import Trainer
 from .alignment import VARIANCE_FLOOR, ClassStatistics, align_head
 from .base import TaskContext, cross_entropy_on

@@ -42,6 +42,21 @@ def ridge_validation_losses(h_fit: torch.Tensor, y_fit: torch.Tensor, h_val: tor
     return torch.stack(losses)
 
 
+def narrow_projection(dim: int, rp_dim: int) -> str | None:
+    """A warning when the projection is narrower than the features it lifts, else None.
+
+    RanPAC widens features (M = 10,000 for d = 768) so that classes become linearly separable;
+    M < d instead discards directions, and at M far below d the head falls to chance accuracy
+    (M = 2 on 64-wide features: 25% on a 4-class first task, 0% on later tasks).
+    """
+    if rp_dim >= dim:
+        return None
+    return (
+        f"warning: method.rp_dim={rp_dim} is below the backbone's feature width {dim}: the random projection discards "
+        f"feature directions and the ridge head can fall to chance accuracy; set method.rp_dim to at least {dim} (RanPAC: 10000)"
+    )
+
+
 class RidgeHead:
     """Random projection, accumulated statistics and the solved head, kept as tensors for checkpoints."""
 
