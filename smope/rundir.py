@@ -31,7 +31,7 @@ from .errors import SmopeError
 from .runconfig import RunConfig, dump_config, load_config
 
 # Keys that change how a run executes but not its numbers: a resume may differ in them.
-EXECUTION_KEYS = {("train", "progress"), ("train", "device"), ("train", "loggers"), ("data", "num_workers"), ("output_dir",), ("seeds",)}
+EXECUTION_KEYS = {("train", "progress"), ("train", "device"), ("train", "loggers"), ("data", "num_workers"), ("data", "prefetch"), ("output_dir",), ("seeds",)}
 
 
 def comparable(config: dict) -> dict:
