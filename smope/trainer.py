@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import distributed
 from .data.device_pipeline import device_pipeline_of
-from .data.loading import DeviceBatches, resolve_workers
+from .data.loading import DeviceBatches, gathered, resolve_workers
 from .data.transforms import PixelNorm, normalize_pixels
 from .divergence import DivergenceGuard
 from .errors import SmopeError
@@ -95,11 +95,15 @@ class Trainer:
             if batch_size in self._passes:
                 return self._passes[batch_size]
         pipeline = device_pipeline_of(data)  # data.pipeline=gpu: the loader reads bytes or indices, the device does the rest
-        workers = self.num_workers if pipeline is None or pipeline.uses_workers else 0
+        in_memory = gathered(data) if pipeline is None else None
+        workers = 0 if in_memory is not None or (pipeline is not None and not pipeline.uses_workers) else self.num_workers
+        local_batch = distributed.local_batch_size(batch_size, exact=shuffle)
+        sampler = distributed.ShardSampler(len(data), shuffle, seed)
         loader = DataLoader(
-            data,
-            batch_size=distributed.local_batch_size(batch_size, exact=shuffle),
-            sampler=distributed.ShardSampler(len(data), shuffle, seed),
+            data if in_memory is None else in_memory,
+            # A cached split is gathered batch by batch: the sampler hands out whole batches of indices.
+            batch_size=local_batch if in_memory is None else None,
+            sampler=sampler if in_memory is None else BatchSampler(sampler, local_batch, drop_last=False),
             generator=torch.Generator().manual_seed(seed),  # worker seeds, without drawing from the global RNG
             num_workers=workers,
             pin_memory=self.device.type == "cuda",

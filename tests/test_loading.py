@@ -16,6 +16,7 @@ from smope.data import cache as cache_module
 from smope.data.device_pipeline import DeviceArray, DevicePipeline, EncodedFiles, device_source
 from smope.data.loading import MAX_AUTO_WORKERS, auto_workers
 from smope.data.prepared import TensorImages
+from smope.data.synthetic import photo, write_image_folder
 from smope.errors import SmopeError
 from smope.experiment import SeedRun, evaluate
 from smope.runconfig import load_config
@@ -24,25 +25,13 @@ TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _photo(seed: int, size: tuple[int, int] = (50, 38)) -> Image.Image:
-    """A smooth random RGB image (JPEG-friendly, unlike noise)."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize(size, Image.BILINEAR)
-
-
 def _jpeg_folder(root: Path, classes: int, per_class: int, ext: str = ".jpg") -> Path:
-    for c in range(classes):
-        folder = root / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            _photo(100 * c + i).save(folder / f"{i}{ext}")
-    return root
+    return write_image_folder(root, classes, per_class, (50, 38), ext)
 
 
 def test_device_normalisation_gives_the_cpu_transforms_floats_bit_for_bit():
     """uint8 + normalize_pixels on a batch == ToDtype + Normalize in the transform, image by image (same kernels, elementwise)."""
-    images = [_photo(i) for i in range(6)]
+    images = [photo(i, (50, 38)) for i in range(6)]
     for mean, std in ((IMAGENET_MEAN, IMAGENET_STD), ((0.0,) * 3, (1.0,) * 3)):
         float_path = torch.stack([build_transform(24, mean, std, train=False)(image) for image in images])
         uint8_path = torch.stack([build_transform(24, mean, std, train=False, uint8=True)(image) for image in images])
@@ -145,7 +134,7 @@ def test_loader_keys_are_checked(override, expected):
 def test_device_pipeline_matches_pil_on_the_same_crop(tmp_path):
     """Same file, same crop box, same bicubic resize: torchvision's tensor kernels against PIL's. Largest difference: stated below."""
     path = tmp_path / "photo.jpg"
-    _photo(7, (500, 375)).save(path, quality=90)
+    photo(7).save(path, quality=90)
     box = dict(top=40, left=60, height=250, width=300, size=[224, 224], interpolation=InterpolationMode.BICUBIC, antialias=True)
     pil = v2.functional.pil_to_tensor(v2.functional.resized_crop(Image.open(path).convert("RGB"), **box))
     decoded = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
@@ -159,7 +148,7 @@ def test_device_pipeline_matches_pil_on_the_same_crop(tmp_path):
 def test_device_pipeline_batches_files_and_arrays(tmp_path):
     steps = v2.Compose([v2.RandomResizedCrop((16, 16), antialias=True), v2.RandomHorizontalFlip()])
     folder = _jpeg_folder(tmp_path / "jpegs", 2, 3)
-    files = EncodedFiles([(str(p), int(p.parent.name[-1])) for p in sorted(folder.rglob("*.jpg"))], ["class0", "class1"])
+    files = EncodedFiles([(str(p), int(p.parent.name[-1])) for p in sorted(folder.rglob("*.jpg"))], ["class000", "class001"])
     pipeline = DevicePipeline(steps, random=True)
     encoded, labels = pipeline.collate([files[i] for i in range(4)])
     out = pipeline(encoded, torch.device("cpu"))

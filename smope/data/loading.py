@@ -11,9 +11,9 @@ import os
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["MAX_AUTO_WORKERS", "DeviceBatches", "auto_workers", "resolve_workers"]
+__all__ = ["MAX_AUTO_WORKERS", "DeviceBatches", "GatheredBatches", "auto_workers", "gathered", "resolve_workers"]
 
 MAX_AUTO_WORKERS = 16
 """``data.num_workers: auto`` never asks for more: beyond it collation, not decoding, limits a process."""
@@ -58,3 +58,33 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for inputs, labels in self.loader:
             yield self.prepare(inputs), labels
+
+
+class GatheredBatches(Dataset):
+    """An in-memory split read one batch per item: ``dataset[[i, j, ...]]`` is one gather, not a stack of samples.
+
+    For cached splits (:class:`~smope.data.prepared.TensorImages`, possibly behind a scenario's
+    relabelled subset): the main process gathers a batch faster than workers would pass it
+    through shared memory, so no workers start and nothing is copied twice.
+    """
+
+    def __init__(self, images: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.rows, self.labels = images, rows, labels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(batch)
+        return self.images[self.rows[index]], self.labels[index]
+
+
+def gathered(data: Dataset) -> GatheredBatches | None:
+    """``data`` as :class:`GatheredBatches` when it is an in-memory image tensor, or an untransformed subset of one."""
+    images = getattr(data, "images", None)
+    if isinstance(images, torch.Tensor):
+        return GatheredBatches(images, torch.arange(len(data)), torch.as_tensor(data.targets))
+    source = getattr(data, "dataset", None)
+    if isinstance(getattr(source, "images", None), torch.Tensor) and getattr(data, "transform", None) is None and hasattr(data, "indices"):
+        return GatheredBatches(source.images, torch.as_tensor(data.indices), torch.as_tensor(data.targets))
+    return None
