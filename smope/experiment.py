@@ -44,21 +44,30 @@ def task_seed(seed: int, task: int) -> int:
 
 
 def evaluate(
-    learner: Learner, scenario: ClassIncrementalScenario, task: int, progress: bool | None, on_batch: Callable[[int], None] | None = None
+    learner: Learner,
+    scenario: ClassIncrementalScenario,
+    task: int,
+    progress: bool | None,
+    on_batch: Callable[[torch.Tensor], None] | None = None,
 ) -> list[float]:
     """Accuracy (percent) on each task 0..task's test set, predicting among all seen classes.
 
-    In a data-parallel run each process counts on its shard and the counts are summed.
-    ``on_batch(j)`` runs after each forward on test task j (routing analytics read the layers then).
+    One pass (one loader) over the test images of every seen task; each image counts for the
+    task that owns its label, since tasks own contiguous label ranges. In a data-parallel run
+    each process counts on its shard and the counts are summed. ``on_batch(tasks)`` runs after
+    each forward with the test task of every image (routing analytics read the layers then).
     """
     seen = scenario.seen_classes(task)
+    task_of_label = torch.tensor([t for t in range(task + 1) for _ in scenario.task_classes(t)])
     counts = torch.zeros(task + 1, 2, dtype=torch.int64)  # correct, total
-    for j in tqdm(range(task + 1), desc=f"evaluate after task {task + 1}", disable=bar_disabled(progress), leave=False):
-        for images, labels in learner.trainer.loader(scenario.test_dataset(j), learner.config.train.eval_batch_size, shuffle=False):
-            predictions = learner.logits(images)[:, : seen.stop].argmax(-1).cpu()
-            counts[j] += torch.tensor([int((predictions == labels).sum()), len(labels)])
-            if on_batch is not None:
-                on_batch(j)
+    batches = learner.trainer.loader(scenario.test_dataset_upto(task), learner.config.train.eval_batch_size, shuffle=False)
+    for images, labels in tqdm(batches, desc=f"evaluate after task {task + 1}", disable=bar_disabled(progress), leave=False):
+        predictions = learner.logits(images)[:, : seen.stop].argmax(-1).cpu()
+        tasks = task_of_label[labels]
+        counts[:, 0].index_add_(0, tasks, (predictions == labels).long())
+        counts[:, 1].index_add_(0, tasks, torch.ones_like(tasks))
+        if on_batch is not None:
+            on_batch(tasks)
     return [100.0 * correct / max(total, 1) for correct, total in distributed.all_reduce_sum(counts).tolist()]
 
 
@@ -103,7 +112,8 @@ class SeedRun:
         if self.config.train.compile:
             self.learner.compile()
         if raw is not None:
-            self.data = prepare_data(self.config, self.learner.model, *raw)
+            self.data = prepare_data(self.config, self.learner.model, *raw, num_workers=self.learner.trainer.num_workers)
+        self.learner.trainer.pixel_norm = self.data.pixel_norm
         data = self.config.data
         self.scenario = ClassIncrementalScenario(self.data.train, self.data.test, data.num_tasks, self.seed, data.first_task_classes)
         self.routing = RoutingTracker(self.learner.model)
@@ -165,10 +175,10 @@ class SeedRun:
         finally:
             loggers.close()
 
-    def observe_test(self, test_task: int) -> None:
+    def observe_test(self, test_tasks: torch.Tensor) -> None:
         """After each test forward: the routing and prompt-choice analytics read the model."""
-        self.routing.observe_test(test_task)
-        self.choices.observe_test(test_task)
+        self.routing.observe_test(test_tasks)
+        self.choices.observe_test(test_tasks)
 
     def run_tasks(self, chain: Chain, loggers: RunLoggers) -> dict:
         if loggers.loggers:

@@ -43,11 +43,14 @@ class PromptChoiceTracker:
         if self.enabled:
             self._counts = torch.zeros(task + 1, task + 1, dtype=torch.int64)
 
-    def observe_test(self, test_task: int) -> None:
-        """After each test forward: count the tasks the batch's images chose."""
+    def observe_test(self, test_tasks: torch.Tensor) -> None:
+        """After each test forward on images of ``test_tasks`` (one task per image): count the prompt each image chose."""
         if self._counts is not None:
-            choice = self.pool.last_choice.cpu()
-            self._counts[test_task] += torch.bincount(choice, minlength=len(self._counts))[: len(self._counts)]
+            tasks = len(self._counts)
+            choice, test_tasks = self.pool.last_choice.cpu(), test_tasks.cpu()
+            known = choice < tasks  # a prompt of a task not yet seen is not counted
+            pairs = test_tasks[known] * tasks + choice[known]
+            self._counts += torch.bincount(pairs, minlength=tasks * tasks)[: tasks * tasks].view(tasks, tasks)
 
     def end_evaluation(self) -> None:
         if self._counts is not None:

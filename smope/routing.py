@@ -163,7 +163,7 @@ class RoutingTracker:
         self.names = [n.removeprefix("base_model.") for n, m in model.named_modules() if isinstance(m, PromptedAttention)]
         self.records: list[dict] = []
         self._test_hits: torch.Tensor | None = None
-        self._used: list[torch.Tensor] = []
+        self._used: torch.Tensor | None = None  # (T, L, H, E) during an evaluation: experts each task used
         self._step_usage: torch.Tensor | None = None
         self.stability: dict | None = None  # after the final task (smope.stability)
 
@@ -231,18 +231,19 @@ class RoutingTracker:
         if self.enabled:
             device = self.layers[0].experts.keys.device
             self._test_hits = torch.zeros(task + 1, 2, dtype=torch.int64, device=device)  # selections in used experts, all
-            self._used = [torch.tensor(r["usage"], device=device) > 0 for r in self.records]  # (L, H, E) per task
+            self._used = torch.stack([torch.tensor(r["usage"], device=device) > 0 for r in self.records])  # (T, L, H, E)
 
-    def observe_test(self, test_task: int) -> None:
-        """After an evaluation forward on ``test_task``'s images: count selections of that task's experts."""
+    def observe_test(self, test_tasks: torch.Tensor) -> None:
+        """After an evaluation forward on images of ``test_tasks`` (one task per image): count selections of each image's task's experts."""
         if self._test_hits is None:
             return
-        used = self._used[test_task]
+        tasks = test_tasks.to(self._test_hits.device)
         for index, layer in enumerate(self.layers):
             selected = _selection(layer)  # (B, H, K)
-            heads = torch.arange(selected.shape[1], device=selected.device)[None, :, None]
-            self._test_hits[test_task, 0] += used[index][heads, selected].sum()
-            self._test_hits[test_task, 1] += selected.numel()
+            used = self._used[tasks, index]  # (B, H, E): the experts each image's task used
+            inside = used.gather(2, selected).flatten(1).sum(1)
+            self._test_hits[:, 0].index_add_(0, tasks, inside)
+            self._test_hits[:, 1].index_add_(0, tasks, torch.full_like(tasks, selected[0].numel()))
 
     def end_evaluation(self) -> None:
         if self._test_hits is None:

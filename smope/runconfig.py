@@ -33,6 +33,7 @@ ALIGN_STEPS = ("old_classes", "all_samples")
 NORMALIZE_CHOICES = ("backbone", "none")
 INTERPOLATION_CHOICES = ("bicubic", "bilinear")
 SPLIT_CHOICES = ("fixed", "random")
+PIPELINES = ("cpu", "gpu")
 HEADS = ("linear", "ridge")
 HEAD_INITS = ("timm", "torch")
 HIDE_STATISTICS = ("centroids", "full", "diag")  # hide-prompt / norga: k-means centroids with variances, covariance, variance
@@ -64,7 +65,15 @@ class DataConfig:
     # Keep at most this many samples per class (quick runs on large datasets); null = all.
     train_per_class: int | None = None
     test_per_class: int | None = None
-    num_workers: int = 0
+    # Loader worker processes per training process: a number, or "auto" (none on CPU; on a GPU
+    # the process's share of the node's CPUs less one, at most 16). Does not change the numbers
+    # of runs without data.augment.
+    num_workers: int | str = "auto"
+    # Batches each worker prepares ahead (DataLoader's prefetch_factor; workers persist).
+    prefetch: int = 2
+    # Where images are decoded and augmented: "cpu" (PIL in the workers, the paper's exact
+    # transforms) or "gpu" (decode_jpeg and the augmentations on the training device).
+    pipeline: str = "cpu"
 
 
 @dataclass
@@ -452,6 +461,7 @@ def validate(config: RunConfig) -> None:
         ("data.normalize", config.data.normalize, NORMALIZE_CHOICES),
         ("data.interpolation", config.data.interpolation, INTERPOLATION_CHOICES),
         ("data.split", config.data.split, SPLIT_CHOICES),
+        ("data.pipeline", config.data.pipeline, PIPELINES),
         ("method.head", config.method.head, HEADS),
         ("model.head_init", config.model.head_init, HEAD_INITS),
     ):
@@ -477,6 +487,10 @@ def validate(config: RunConfig) -> None:
     data = config.data
     if data.split == "random" and data.name != "imagenet-r":
         raise SmopeError(f"data.split=random applies to imagenet-r only ({data.name} has one split of its own); remove it")
+    if data.num_workers != "auto" and (not isinstance(data.num_workers, int) or data.num_workers < 0):
+        raise SmopeError(f"config key 'data.num_workers' must be auto or an integer >= 0, got {data.num_workers!r}")
+    if data.prefetch < 1:
+        raise SmopeError(f"config key 'data.prefetch' must be >= 1, got {data.prefetch}")
     if data.test_resize is not None and data.test_resize < 1:
         raise SmopeError(f"config key 'data.test_resize' must be >= 1 or null, got {data.test_resize}")
     try:

@@ -43,7 +43,7 @@ from .runconfig import RunConfig, acting_dict, dump_config, load_config
 # Keys that change how a run executes but not its numbers: a resume may differ in them.
 EXECUTION_KEYS = {
     ("train", "progress"), ("train", "device"), ("train", "loggers"), ("data", "num_workers"), ("output_dir",), ("seeds",),
-    ("train", "sync_every"), ("train", "parallel"),
+    ("train", "sync_every"), ("train", "parallel"), ("data", "prefetch"),
 }
 
 

@@ -15,10 +15,13 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import distributed
+from .data.device_pipeline import device_pipeline_of
+from .data.loading import DeviceBatches, gathered, resolve_workers
+from .data.transforms import PixelNorm, normalize_pixels
 from .divergence import DivergenceGuard
 from .errors import SmopeError
 from .runconfig import RunConfig
@@ -100,6 +103,12 @@ class Trainer:
             use_tf32(config.train.tf32)
         # Called after every optimiser step with (description, loss, learning rates): the run's loggers.
         self.log_step: Callable[[str, float, list[float]], None] | None = None
+        self.num_workers = resolve_workers(config.data.num_workers, self.device)
+        # How uint8 batches become model inputs on the device: the prepared data's normalisation.
+        self.pixel_norm: PixelNorm | None = None
+        # Unshuffled passes over the dataset seen last, kept so repeated passes reuse their workers.
+        self._passes: dict[int, DeviceBatches] = {}
+        self._passes_over: Dataset | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -107,23 +116,52 @@ class Trainer:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def loader(self, data: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-        """This process's batches of ``data``; ``batch_size`` is the global batch, split over the processes.
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch as model input on the device: copied (non-blocking), then uint8 pixels converted and normalised there."""
+        images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            if self.pixel_norm is None:
+                raise RuntimeError("uint8 images reached a trainer without pixel_norm; set it from the prepared data")
+            return normalize_pixels(images, self.pixel_norm)
+        return images
+
+    def loader(self, data: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DeviceBatches:
+        """This process's batches of ``data``, inputs on the device; ``batch_size`` is the global batch, split over the processes.
 
         Shuffled loaders are for training: every process takes the same number of steps (see
         :class:`~smope.distributed.ShardSampler`), without the last partial batch when
         ``train.drop_last`` is set. Unshuffled ones visit each sample once over all processes, so
-        whatever is computed from them must be reduced across processes.
+        whatever is computed from them must be reduced across processes; they are reused while
+        ``data`` stays the same (the after-task passes over a task's training data).
         """
-        return DataLoader(
-            data,
-            batch_size=distributed.local_batch_size(batch_size, exact=shuffle),
-            sampler=distributed.ShardSampler(len(data), shuffle, seed),
+        if not shuffle:
+            if data is not self._passes_over:
+                self._passes, self._passes_over = {}, data
+            if batch_size in self._passes:
+                return self._passes[batch_size]
+        pipeline = device_pipeline_of(data)  # data.pipeline=gpu: the loader reads bytes or indices, the device does the rest
+        in_memory = gathered(data) if pipeline is None else None
+        workers = 0 if in_memory is not None or (pipeline is not None and not pipeline.uses_workers) else self.num_workers
+        local_batch = distributed.local_batch_size(batch_size, exact=shuffle)
+        sampler = distributed.ShardSampler(len(data), shuffle, seed)
+        loader = DataLoader(
+            data if in_memory is None else in_memory,
+            # A cached split is gathered batch by batch: the sampler hands out whole batches of indices.
+            batch_size=local_batch if in_memory is None else None,
+            sampler=sampler if in_memory is None else BatchSampler(sampler, local_batch, drop_last=shuffle and self.config.train.drop_last),
             generator=torch.Generator().manual_seed(seed),  # worker seeds, without drawing from the global RNG
-            num_workers=self.config.data.num_workers,
+            num_workers=workers,
             pin_memory=self.device.type == "cuda",
-            drop_last=shuffle and self.config.train.drop_last,
+            drop_last=shuffle and self.config.train.drop_last and in_memory is None,
+            persistent_workers=workers > 0,  # epochs and repeated passes keep their workers
+            prefetch_factor=self.config.data.prefetch if workers > 0 else None,
+            collate_fn=None if pipeline is None else pipeline.collate,
         )
+        prepare = self.inputs if pipeline is None else lambda batch: self.inputs(pipeline(batch, self.device))
+        batches = DeviceBatches(loader, prepare)
+        if not shuffle:
+            self._passes[batch_size] = batches
+        return batches
 
     def fit(
         self,
@@ -185,7 +223,7 @@ class Trainer:
         try:
             for epoch in range(epochs):
                 for inputs, labels in batches(epoch):
-                    inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                    inputs, labels = self.inputs(inputs), labels.to(self.device, non_blocking=True)
                     with self.autocast():
                         loss = loss_fn(inputs, labels)
                     optimizer.zero_grad(set_to_none=True)
@@ -229,7 +267,7 @@ class Trainer:
         with torch.no_grad():
             for images, batch_labels in self.loader(data, self.config.train.eval_batch_size, shuffle=False):
                 with self.autocast():
-                    outputs.append(forward(images.to(self.device)).float().cpu())
+                    outputs.append(forward(images).float().cpu())
                 labels.append(batch_labels)
         features, targets = torch.cat(outputs), torch.cat(labels)
         return distributed.gather_shards(features, len(data)), distributed.gather_shards(targets, len(data))

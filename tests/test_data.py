@@ -26,6 +26,7 @@ from smope.data import (
     class_order,
     input_norm,
     load_dataset,
+    normalize_pixels,
     split_classes,
 )
 from smope.errors import SmopeError
@@ -428,14 +429,16 @@ def test_normalize_none_feeds_pixels_in_zero_one() -> None:
     prepared = {}
     for normalize in ("none", "backbone"):
         config = load_config(None, ["data.name=digits", f"data.normalize={normalize}", "data.test_per_class=3"])
-        prepared[normalize] = torch.stack([image for image, _ in prepare_data(config, model, *raw).test])
+        data = prepare_data(config, model, *raw)
+        prepared[normalize] = normalize_pixels(torch.stack([image for image, _ in data.test]), data.pixel_norm)
     pixels = prepared["none"]
     assert pixels.min() == 0 and pixels.max() == 1  # digits span the whole 0..255 range
     mean, std = backbone_norm(model)
     expected = (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     assert torch.allclose(prepared["backbone"], expected, atol=1e-5) and prepared["backbone"].min() < 0
     overrides = ["data.name=digits", "data.normalize=none", "data.test_resize=40", "data.interpolation=bilinear"]
-    image, _ = prepare_data(load_config(None, overrides), model, *raw).test[0]
+    data = prepare_data(load_config(None, overrides), model, *raw)
+    image = normalize_pixels(data.test[0][0], data.pixel_norm)
     reference = build_transform(32, (0,) * 3, (1,) * 3, train=False, test_resize=40, interpolation="bilinear")(raw[1][0][0])
     assert torch.equal(image, reference) and not torch.equal(image, pixels[0])  # the data.* keys reach the transform
 

@@ -95,7 +95,7 @@ def test_test_images_on_the_task_experts(model):
     tracker.begin_evaluation(0)
     with torch.no_grad():
         model(torch.randn(3, 3, 32, 32))
-    tracker.observe_test(0)
+    tracker.observe_test(torch.zeros(3, dtype=torch.long))  # three images of test task 0
     tracker.end_evaluation()
     used = np.array(tracker.records[0]["usage"]) > 0
     layers = smope.prompted_layers(model)

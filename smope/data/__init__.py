@@ -14,7 +14,7 @@ from .datasets import (
     split_per_class,
 )
 from .scenario import ClassIncrementalScenario, RemappedSubset, class_order, split_classes
-from .transforms import AUGMENTATIONS, INTERPOLATIONS, backbone_norm, build_transform, input_norm
+from .transforms import AUGMENTATIONS, INTERPOLATIONS, PixelNorm, backbone_norm, build_transform, input_norm, normalize_pixels
 
 __all__ = [
     "AUGMENTATIONS",
@@ -28,6 +28,7 @@ __all__ = [
     "ClassIncrementalScenario",
     "FileDataset",
     "LabelledDataset",
+    "PixelNorm",
     "RemappedSubset",
     "backbone_norm",
     "build_transform",
@@ -35,6 +36,7 @@ __all__ = [
     "class_order",
     "input_norm",
     "load_dataset",
+    "normalize_pixels",
     "split_classes",
     "split_per_class",
 ]

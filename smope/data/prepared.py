@@ -1,4 +1,8 @@
-"""Turning a dataset into what a run trains on: per-class limits, the backbone's transform, an in-memory cache."""
+"""Turning a dataset into what a run trains on: per-class limits, the backbone's transform, an in-memory cache.
+
+The splits yield uint8 images; :attr:`PreparedData.pixel_norm` says how the trainer turns them
+into the model's input on the device (:func:`~smope.data.transforms.normalize_pixels`).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,12 @@ from torch.utils.data import Dataset
 
 from .. import distributed
 from ..runconfig import RunConfig
-from .cache import cache_dataset
+from torchvision.transforms import v2
+
+from .cache import node_cache
 from .datasets import load_dataset
-from .transforms import build_transform, input_norm
+from .device_pipeline import DeviceArray, DevicePipeline, device_source
+from .transforms import PixelNorm, build_transform, image_steps, input_norm
 
 
 class TensorImages(Dataset):
@@ -66,6 +73,7 @@ class PreparedData:
     test: Dataset
     num_classes: int
     split_file: str | Path | None = None  # the fixed split a dataset reads, if any (recorded in provenance.json)
+    pixel_norm: PixelNorm = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # (mean, std) the trainer applies to the uint8 images
 
 
 def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
@@ -74,23 +82,43 @@ def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
         return tuple(load_dataset(data.name, data.root, train, data.download, data.split) for train in (True, False))
 
 
-def split_transform(config: RunConfig, model: torch.nn.Module, train: bool) -> Callable:
-    """The transform of one split for ``model`` (its resolution) and the config's normalisation, resize and augmentation."""
+def split_transform(config: RunConfig, model: torch.nn.Module, train: bool, uint8: bool = False) -> Callable:
+    """The transform of one split for ``model`` (its resolution) and the config's normalisation, resize and augmentation.
+
+    ``uint8`` stops before the float conversion, which the trainer then does on the device.
+    """
     data = config.data
     mean, std = input_norm(model, data.normalize)
-    img_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else config.model.img_size
-    return build_transform(img_size, mean, std, train, data.augment if train else [], data.test_resize, data.interpolation)
+    return build_transform(_img_size(config, model), mean, std, train, data.augment if train else [], data.test_resize, data.interpolation, uint8)
 
 
-def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, raw_test: Dataset) -> PreparedData:
-    """Transform both splits for ``model`` and cache them when allowed."""
+def _img_size(config: RunConfig, model: torch.nn.Module) -> int:
+    return model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else config.model.img_size
+
+
+def device_split(config: RunConfig, model: torch.nn.Module, raw: Dataset, train: bool) -> Dataset:
+    """One split for ``data.pipeline: gpu``: encoded files or a device array, with the steps the device applies to each batch."""
     data = config.data
+    augment = data.augment if train else []
+    source = device_source(raw, _limit_per_class(list(raw.targets), data.train_per_class if train else data.test_per_class), data.name)
+    steps = v2.Compose(image_steps(_img_size(config, model), train, augment, data.test_resize, data.interpolation))
+    source.device_pipeline = DevicePipeline(steps, random=bool(augment), array=source if isinstance(source, DeviceArray) else None)
+    return source
+
+
+def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, raw_test: Dataset, num_workers: int = 0) -> PreparedData:
+    """Transform both splits for ``model`` to uint8 images and cache them when allowed (``num_workers`` build the caches)."""
+    data = config.data
+    norm = input_norm(model, data.normalize)
+    if data.pipeline == "gpu":  # nothing to cache: the device decodes and resizes each batch
+        splits = [device_split(config, model, raw, train) for raw, train in ((raw_train, True), (raw_test, False))]
+        return PreparedData(splits[0], splits[1], len(raw_train.classes), getattr(raw_train, "split_file", None), norm)
     splits = []
     for raw, train, limit in ((raw_train, True, data.train_per_class), (raw_test, False, data.test_per_class)):
         augment = data.augment if train else []
-        view = TransformedView(raw, _limit_per_class(list(raw.targets), limit), split_transform(config, model, train))
+        view = TransformedView(raw, _limit_per_class(list(raw.targets), limit), split_transform(config, model, train, uint8=True))
         if data.cache and not augment:
-            images, labels = cache_dataset(view, num_workers=data.num_workers).tensors
+            images, labels = node_cache(view, "train" if train else "test", num_workers=num_workers).tensors
             view = TensorImages(images, labels, view.classes)
         splits.append(view)
-    return PreparedData(splits[0], splits[1], len(raw_train.classes), getattr(raw_train, "split_file", None))
+    return PreparedData(splits[0], splits[1], len(raw_train.classes), getattr(raw_train, "split_file", None), norm)

@@ -1,4 +1,10 @@
-"""Image transforms: PIL image -> float tensor at the backbone's input size, normalised as configured."""
+"""Image transforms: PIL image -> tensor at the backbone's input size, normalised as configured.
+
+Runs hand uint8 tensors from the loader to the device and convert them there with
+:func:`normalize_pixels` (4x fewer bytes through workers, caches and host-to-device copies); the
+float conversion is torchvision's own, so the floats are bit-identical to a CPU ``ToDtype`` +
+``Normalize`` in the transform.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from smope.errors import SmopeError
 
-__all__ = ["AUGMENTATIONS", "INTERPOLATIONS", "backbone_norm", "build_transform", "input_norm"]
+__all__ = ["AUGMENTATIONS", "INTERPOLATIONS", "PixelNorm", "backbone_norm", "build_transform", "image_steps", "input_norm", "normalize_pixels"]
 
 AUGMENTATIONS = ("hflip", "random_resized_crop", "color_jitter")
 """Names accepted in ``augment`` (the ``data.augment`` config key)."""
@@ -35,24 +41,17 @@ def _interpolation(name: str) -> InterpolationMode:
     return INTERPOLATIONS[name]
 
 
-def build_transform(
-    img_size: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    train: bool,
-    augment: Iterable[str] | str = (),
-    test_resize: int | None = None,
-    interpolation: str = "bicubic",
-) -> Callable:
-    """The transform for one split.
+def image_steps(
+    img_size: int, train: bool, augment: Iterable[str] | str = (), test_resize: int | None = None, interpolation: str = "bicubic"
+) -> list[Callable]:
+    """The resize, crop and augmentation steps of a split, for PIL images or uint8 tensors on any device.
 
-    Test transforms are deterministic: RGB, resize, normalise. The resize goes straight to
-    ``img_size`` square when ``test_resize`` is None; otherwise the shorter side goes to
-    ``test_resize`` and the centre ``img_size`` square is kept (the usual Resize(256) +
-    CenterCrop(224) evaluation, which keeps the aspect ratio). Train transforms add the
-    requested augmentations, in a fixed order whatever the order of ``augment``;
-    ``random_resized_crop`` replaces the plain resize since it already produces the final size.
-    Names are validated even when ``train`` is false so a typo fails early.
+    Test steps are deterministic: the resize goes straight to ``img_size`` square when
+    ``test_resize`` is None; otherwise the shorter side goes to ``test_resize`` and the centre
+    ``img_size`` square is kept (the usual Resize(256) + CenterCrop(224) evaluation, which keeps
+    the aspect ratio). Train steps add the requested augmentations, in a fixed order whatever
+    the order of ``augment``; ``random_resized_crop`` replaces the plain resize since it already
+    produces the final size. Names are validated even when ``train`` is false so a typo fails early.
     """
     names = _check_augment(augment)
     mode = _interpolation(interpolation)
@@ -74,15 +73,43 @@ def build_transform(
         steps.append(v2.RandomHorizontalFlip())
     if "color_jitter" in names:
         steps.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4))
-    return v2.Compose(
-        [
-            v2.RGB(),
-            *steps,
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ]
-    )
+    return steps
+
+
+def build_transform(
+    img_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    train: bool,
+    augment: Iterable[str] | str = (),
+    test_resize: int | None = None,
+    interpolation: str = "bicubic",
+    uint8: bool = False,
+) -> Callable:
+    """The transform for one split: RGB, :func:`image_steps`, tensor, normalisation.
+
+    ``uint8`` stops at the uint8 ``(3, H, W)`` tensor: :func:`normalize_pixels` finishes on the device.
+    """
+    steps = [v2.RGB(), *image_steps(img_size, train, augment, test_resize, interpolation), v2.ToImage()]
+    if not uint8:
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    return v2.Compose(steps)
+
+
+PixelNorm = tuple[tuple[float, ...], tuple[float, ...]]
+"""``(mean, std)`` per channel, applied to pixels scaled to [0, 1]."""
+
+
+def normalize_pixels(images: torch.Tensor, norm: PixelNorm) -> torch.Tensor:
+    """uint8 images (any leading dims, ``(..., 3, H, W)``) as normalised float32; float inputs pass unchanged.
+
+    The same torchvision kernels as the CPU transform (``ToDtype(scale=True)``, ``Normalize``),
+    elementwise, so a batch on any device gets the floats each image would have got alone.
+    """
+    if images.dtype != torch.uint8:
+        return images
+    mean, std = norm
+    return v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True), list(mean), list(std))
 
 
 def input_norm(model: torch.nn.Module, normalize: str = "backbone") -> tuple[tuple[float, ...], tuple[float, ...]]:

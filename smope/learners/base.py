@@ -78,7 +78,7 @@ class Learner:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         self.model.eval()
         with self.trainer.autocast():
-            return self.model(images.to(self.device)).float()
+            return self.model(self.trainer.inputs(images)).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything the next task needs, nothing frozen: the trainable parameters and buffers."""
@@ -121,7 +121,7 @@ class Learner:
         """:meth:`pooled_features` in eval mode, for classifiers kept outside the model (prototypes, ridge)."""
         self.model.eval()
         with self.trainer.autocast():
-            return self.pooled_features(images.to(self.device)).float()
+            return self.pooled_features(self.trainer.inputs(images)).float()
 
     def features_and_labels(self, data: Dataset, forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` over ``data`` with this learner's model in eval mode (:meth:`Trainer.features_and_labels`)."""
