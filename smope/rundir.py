@@ -172,7 +172,10 @@ class RunDir:
             return
         firsts = sorted(self.path.glob("seed_*/task_000.safetensors")) if seeds is None else [self.checkpoint(s, 0) for s in seeds]
         for first in filter(Path.is_file, firsts):
-            meta = read_meta(first)
+            try:
+                meta = read_meta(first)
+            except SmopeError:  # damaged: the chain check recomputes it (run) or refuses it (eval), naming the fix
+                continue
             if meta.get("run") is None or meta["run"] in identities:  # None: written before checkpoints named their run
                 continue
             trained = meta.get("config")  # recorded since config.yaml holds only settings that act

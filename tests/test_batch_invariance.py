@@ -67,10 +67,13 @@ def test_pool_choices_are_per_sample(method):
     learner = create_learner(tiny_config(method), 10)
     pool = learner.model.pool.eval()
     with torch.no_grad():
-        for weight in pool.parameters():
-            weight.normal_()
         if hasattr(pool, "task"):
             pool.begin_task(2)  # DualPrompt's and CODA-Prompt's test-time choice spans tasks 0..2
+        for weight in pool.parameters():  # after begin_task, which may copy one task's prompt to the next
+            weight.normal_()
+        if hasattr(pool, "add_classes"):  # HiDe-Prompt and NoRGa choose the task of the predicted class
+            for task in range(3):
+                pool.add_classes(task, range(3 * task, 3 * task + 3))
         queries = 10 * torch.randn(16, learner.model.num_features)
         together, _ = pool(queries, len(queries))
         alone = [pool(query[None], 1)[0] for query in queries]

@@ -83,6 +83,11 @@ class CentroidStatistics:
         self.count = torch.zeros(num_classes, centroids, dtype=torch.int64)  # features per cluster; 0 = none
         self.latest: list[int] = []
 
+    @property
+    def device(self) -> torch.device:
+        """Where the statistics live (the CPU: k-means runs there); alignment draws from a generator on it."""
+        return self.mean.device
+
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         from sklearn.cluster import KMeans  # imported when used: importing smope imports every learner
 
