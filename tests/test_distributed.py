@@ -96,7 +96,8 @@ def two_process_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess
 @pytest.mark.distributed
 def test_two_processes_write_one_set_of_outputs_matching_one_process(two_process_run, tmp_path):
     out, result = two_process_run
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.jsonl", "metrics.csv", "metrics.json", "provenance.json", "seed_0"]
+    # .lock: the file of the writer lock (RunDir.exclusive); it stays, only the OS lock on it marks a writer
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.yaml", "log.jsonl", "metrics.csv", "metrics.json", "provenance.json", "seed_0"]
     assert sorted(p.name for p in (out / "seed_0").iterdir()) == [f"task_{t:03d}.safetensors" for t in range(3)]
     assert len((out / "log.jsonl").read_text().splitlines()) == 3  # not once per process
     assert result.stdout.count("final average accuracy") == 1
