@@ -15,6 +15,15 @@ def tiny_timm_vit(num_classes: int = 10, **kwargs) -> torch.nn.Module:
     return timm.models.vision_transformer.VisionTransformer(**args)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tensors: thread start-up dominates, and on a busy 2-core machine 2 threads are ~5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

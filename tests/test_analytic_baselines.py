@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_baselines import _one_thread  # noqa: F401  (one torch thread for tiny tensors)
 
 from smope import cli, experiment
 from smope.cost import method_flops
@@ -15,6 +14,7 @@ from smope.learners.ridge import RIDGE_GRID, RidgeHead, ridge_validation_losses
 from smope.runconfig import load_config
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NEW_METHODS = {
     "ranpac": ["method.name=ranpac"],

@@ -35,13 +35,7 @@ TINY_SCALE = {
 TWO_PASS = ("l2p", "dualprompt", "coda-prompt", "vq-prompt")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: thread start-up dominates, and on a busy 2-core machine 2 threads are ~5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(method: str, *overrides: str):

@@ -23,12 +23,7 @@ TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 QUICK = ["data.num_tasks=2", "data.first_task_classes=5", "train.epochs=1", "method.align_epochs=2", "data.test_per_class=6", "train.progress=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("method", method_names())

@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from test_precision import _one_thread  # noqa: F401  (one torch thread for tiny tensors)
-
 from smope import layer as layer_module
 from smope.errors import SmopeError
 from smope.experiment import with_resolved_precision
@@ -24,6 +22,7 @@ from smope.runconfig import load_config
 from smope.trainer import resolve_precision
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

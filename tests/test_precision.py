@@ -15,13 +15,7 @@ from smope.runconfig import load_config
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's matrices are too small for a second thread to pay off, even less on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_learner(*overrides: str) -> Learner:
