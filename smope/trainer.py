@@ -144,15 +144,16 @@ class Trainer:
         workers = 0 if in_memory is not None or (pipeline is not None and not pipeline.uses_workers) else self.num_workers
         local_batch = distributed.local_batch_size(batch_size, exact=shuffle)
         sampler = distributed.ShardSampler(len(data), shuffle, seed)
+        drop_last = shuffle and self.config.train.drop_last
         loader = DataLoader(
             data if in_memory is None else in_memory,
             # A cached split is gathered batch by batch: the sampler hands out whole batches of indices.
             batch_size=local_batch if in_memory is None else None,
-            sampler=sampler if in_memory is None else BatchSampler(sampler, local_batch, drop_last=shuffle and self.config.train.drop_last),
+            sampler=sampler if in_memory is None else BatchSampler(sampler, local_batch, drop_last=drop_last),
             generator=torch.Generator().manual_seed(seed),  # worker seeds, without drawing from the global RNG
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
-            drop_last=shuffle and self.config.train.drop_last and in_memory is None,
+            drop_last=drop_last and in_memory is None,  # a cached split drops it in its BatchSampler
             persistent_workers=workers > 0,  # epochs and repeated passes keep their workers
             prefetch_factor=self.config.data.prefetch if workers > 0 else None,
             collate_fn=None if pipeline is None else pipeline.collate,
