@@ -1,6 +1,10 @@
-"""benchmarks/compare_methods.py's argument handling (its runs are ordinary `smope run`s, tested elsewhere)."""
+"""The benchmark scripts: compare_methods.py's argument handling (its runs are ordinary `smope run`s, tested elsewhere), gpu_check.py's quick mode."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +85,22 @@ def test_prompt_choice_counts_every_test_image_once_per_block(tmp_path, finished
     assert [[sum(row) for row in task] for task in choices["counts"]] == [[n, n] for n in test_sizes]
     with pytest.raises(SmopeError, match="is a smope run: its learner does not snap to pool prompts"):
         prompt_choice.main([str(finished_run)])
+
+
+def test_gpu_check_quick_runs_every_part_on_cpu(tmp_path):
+    """The prepared CUDA check, shrunk: every part runs and reports, so the script cannot rot before a GPU runs it."""
+    script = SCRIPT.parent / "gpu_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    correctness = results["correctness"]
+    assert correctness["same_top_k_as_cpu_fp32"] and correctness["prompt_key_grads_nonzero"]
+    assert correctness["forward_max_abs_diff_vs_cpu_fp32"] < 1e-5 and correctness["bf16_top_k_agreement"] > 0.9
+    assert {row["model"] for row in results["train_steps"]} == {"timm", "smope"}
+    assert all(row["images_per_s"] > 0 for row in results["train_steps"])
+    assert [row["pipeline"] for row in results["loaders"]] == ["cpu", "gpu"]  # the gpu pipeline's files come through a worker
+    assert {"training", "usage pass", "statistics", "alignment", "evaluation"} <= set(results["end_to_end"]["phase_s"])
+    assert "| (d) phase | seconds |" in (tmp_path / "gpu_check.md").read_text()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from smope.errors import SmopeError
 
@@ -44,7 +44,9 @@ class EncodedFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        return read_file(path), label
+        # Not torchvision's read_file: its tensor lives in a closed file mapping, which a loader
+        # worker cannot hand to the main process (EBADF while pickling, then the loader waits forever).
+        return torch.from_numpy(np.fromfile(path, dtype=np.uint8)), label
 
 
 class DeviceArray(Dataset):
