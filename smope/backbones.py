@@ -15,13 +15,17 @@ from pathlib import Path
 from unittest import mock
 
 import timm
+import torch
 from torch import nn
 
 from .errors import ConfigAdviceError, SmopeError
-from .runconfig import ModelConfig
+from .methods import spec_for
+from .runconfig import ModelConfig, RunConfig
+from .vit import check_layers, find_attention_blocks
 
 RANDOM = ("none", "random")
 HUB_PROBE_SECONDS = 3.0
+BLOCK_KEYS = ("layers", "prompt_layers", "g_prompt_layers")  # method.* keys that name backbone blocks
 
 
 def _check_model_name(name: str) -> None:
@@ -47,6 +51,29 @@ def create_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
     if config.head_init == "torch" and isinstance(head, nn.Linear):
         head.reset_parameters()  # a plain nn.Linear's init (uniform), as the SMoPE and VQ-Prompt releases build their head
     return model
+
+
+def architecture_blocks(config: ModelConfig) -> int:
+    """Attention blocks of ``model.name`` (with ``model.kwargs`` and ``model.img_size``), counted on
+    the architecture built on the meta device: no weights, no memory, no download."""
+    _check_model_name(config.name)
+    kwargs = dict(config.kwargs)
+    if config.img_size is not None:
+        kwargs["img_size"] = config.img_size
+    with torch.device("meta"):
+        model = _timm_model(config.name.split(".", 1)[0], False, **kwargs)
+    return len(find_attention_blocks(model))
+
+
+def check_block_settings(config: RunConfig) -> None:
+    """The block indices the chosen method reads (``method.layers``, ``prompt_layers``, ``g_prompt_layers``),
+    checked against the backbone before any data or weights load, so ``--dry-run`` refuses them too."""
+    reads = spec_for(config.method.name).reads
+    keys = [key for key in BLOCK_KEYS if key in reads and getattr(config.method, key) is not None]
+    if keys:
+        blocks = architecture_blocks(config.model)
+        for key in keys:
+            check_layers(f"method.{key}", getattr(config.method, key), blocks)
 
 
 def _weighted_backbone(config: ModelConfig, num_classes: int) -> nn.Module:

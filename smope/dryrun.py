@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from .backbones import check_block_settings
 from .data import DATASETS, KNOWN_NUM_CLASSES, ClassIncrementalScenario, build_transform, class_order, load_dataset, split_classes
 from .errors import SmopeError
 from .runconfig import RunConfig, dump_config
@@ -41,6 +42,7 @@ def dry_run(config: RunConfig) -> str:
     """The dry run's report: the config as YAML, then per seed its class order and its tasks."""
     data = config.data
     _check_transforms(config)
+    check_block_settings(config)
     lines = [dump_config(config).rstrip()]
     try:
         train, test = (load_dataset(data.name, data.root, part, download=False, split=data.split) for part in (True, False))

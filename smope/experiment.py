@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from . import metrics as cl_metrics
+from .backbones import check_block_settings
 from .checkpoint import Chain, chain_link, load_checkpoint, save_checkpoint
 from .data import ClassIncrementalScenario
 from .data.prepared import PreparedData, load_splits, prepare_data
@@ -298,6 +299,7 @@ def run_experiment(config: RunConfig) -> dict:
     if not by_seed:
         distributed.local_batch_size(config.train.batch_size, exact=True)  # an uneven split fails before any work
     check_loggers(config.train.loggers)
+    check_block_settings(config)
     with run_dir.exclusive() if distributed.is_main() else contextlib.nullcontext():
         try:
             return _run_seeds(config, run_dir, by_seed, own_seeds)

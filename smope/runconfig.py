@@ -423,6 +423,10 @@ def validate(config: RunConfig) -> None:
     if config.data.test_per_class is not None:
         positive["data.test_per_class"] = config.data.test_per_class
     positive["method.align_samples_per_class"] = config.method.align_samples_per_class
+    positive["method.lora_r"] = config.method.lora_r
+    for key in ("pool_size", "pool_top_k"):  # null: the method's published size
+        if getattr(config.method, key) is not None:
+            positive[f"method.{key}"] = getattr(config.method, key)
     for key, value in positive.items():
         if value < 1:
             raise SmopeError(f"config key '{key}' must be >= 1, got {value}")
@@ -499,6 +503,9 @@ def validate(config: RunConfig) -> None:
         raise SmopeError(f"invalid method settings: {exc} (config keys method.*)") from exc
     if config.method.name in ("hide-prompt", "norga"):
         validate_hide(config.method, config.data.num_tasks)
+    for key in ("prompt_length", "g_prompt_length"):
+        if getattr(config.method, key) is not None:
+            even_prompt_length(key, getattr(config.method, key))
     if config.method.rp_dim < 1:
         raise SmopeError(f"config key 'method.rp_dim' must be >= 1, got {config.method.rp_dim}")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
@@ -521,6 +528,15 @@ def check_pool_size(config: RunConfig) -> None:
             f"config key 'method.pool_size'={size} must be at least data.num_tasks={tasks} for {config.method.name} "
             "(one slice of the pool per task): raise method.pool_size"
         )
+
+
+def even_prompt_length(key: str, value: int) -> int:
+    """A prefix length of config key ``method.<key>``: half keys, half values."""
+    if value < 2 or value % 2:
+        raise SmopeError(f"config key 'method.{key}' must be even and >= 2 (half prefix keys, half values), got {value}")
+    return value
+
+
 def validate_hide(method: MethodConfig, num_tasks: int) -> None:
     """What hide-prompt and norga cannot honour, refused before any model is built."""
     if method.hide_statistics is not None and method.hide_statistics not in HIDE_STATISTICS:

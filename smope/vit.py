@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import SmopeError
+
 Projections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """Queries, keys and values, each (B, heads, N, head_dim)."""
 
@@ -291,3 +293,14 @@ def state_mismatch(expected: dict[str, torch.Size | tuple[int, ...]], got: dict[
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
         if items
     )
+
+
+def check_layers(key: str, layers: list[int], num_blocks: int) -> list[int]:
+    """Block indices from config key ``key``, checked against the backbone's ``num_blocks``."""
+    bad = [i for i in layers if not 0 <= i < num_blocks]
+    if not layers or bad or len(set(layers)) != len(layers):
+        raise SmopeError(
+            f"config key '{key}' must list distinct block indices in [0, {num_blocks - 1}] (this model has "
+            f"{num_blocks} blocks), got {layers}; e.g. {key}=[0]"
+        )
+    return list(layers)

@@ -154,7 +154,7 @@ def test_corrupt_image_is_named(tmp_path, capsys, workers):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("method.layers=[99]", "invalid method.layers: layers [99] do not exist: this model has 2 blocks"),
+        ("method.layers=[99]", "config key 'method.layers' must list distinct block indices in [0, 1] (this model has 2 blocks), got [99]"),
         ("train.lr=[1", "override 'train.lr=[1': the value is not valid YAML"),
         ("train.min_lr=-1", "config key 'train.min_lr' must be >= 0"),
         ("data.train_per_class=0", "config key 'data.train_per_class' must be >= 1"),
@@ -167,10 +167,30 @@ def test_corrupt_image_is_named(tmp_path, capsys, workers):
     ],
 )
 def test_bad_setting_is_one_line(override, expected, tmp_path, capsys):
+    """Refused when the run starts: one line, exit 2."""
     weights = tmp_path / "not_a_checkpoint.pth"
     weights.write_bytes(b"\0garbage")
     override = override.replace("WEIGHTS_FILE", str(weights))
     assert expected in fails(capsys, "run", TINY, f"output_dir={tmp_path / 'run'}", override)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["method.name=hide-prompt", "method.prompt_layers=[0,40]"], "'method.prompt_layers' must list distinct block indices in [0, 1] (this model has 2 blocks)"),
+        (["method.name=dualprompt", "method.g_prompt_layers=[5]"], "'method.g_prompt_layers' must list distinct block indices in [0, 1]"),
+        (["method.name=vq-prompt", "method.prompt_layers=[2]"], "'method.prompt_layers' must list distinct block indices in [0, 1]"),
+        (["method.layers=[0,40]"], "'method.layers' must list distinct block indices in [0, 1]"),
+        (["method.name=l2p", "method.pool_size=0"], "config key 'method.pool_size' must be >= 1, got 0"),
+        (["method.name=l2p", "method.prompt_length=3"], "config key 'method.prompt_length' must be even and >= 2"),
+        (["method.name=lora", "method.lora_r=0"], "config key 'method.lora_r' must be >= 1, got 0"),
+        (["method.name=norga", "method.pool_size=2"], "must be at least data.num_tasks=3"),
+        (["method.name=norga", "method.norga_gate=swish"], "config key 'method.norga_gate' must be one of"),
+    ],
+)
+def test_settings_a_method_cannot_honour_are_refused_by_the_dry_run(overrides, expected, capsys):
+    """Prompt blocks outside the backbone, empty pools or ranks: refused at load, before any data or model."""
+    assert expected in fails(capsys, "run", TINY, *overrides, "--dry-run")
 
 
 def test_params_with_bad_layers_is_a_usage_error(capsys):

@@ -271,7 +271,7 @@ class HiDePromptLearner(PromptPoolLearner):
         return HiDePromptPool(
             layers=self.layers("prompt_layers", shape),
             pool_size=self.pool_per_task(),
-            length=self.prompt_length("prompt_length"),
+            length=self.setting("prompt_length"),
             width=shape.width,
             query_dim=shape.query_dim,
             num_classes=self.num_classes,

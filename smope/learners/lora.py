@@ -6,7 +6,6 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from ..backbones import create_backbone
-from ..errors import SmopeError
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from ..vit import unfreeze_classifier
@@ -26,10 +25,6 @@ class LoRALearner(Learner):
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         method = config.method
-        if method.lora_r < 1:
-            raise SmopeError(f"config key 'method.lora_r' must be >= 1, got {method.lora_r}")
-        if method.lora_lr <= 0:
-            raise SmopeError(f"config key 'method.lora_lr' must be > 0, got {method.lora_lr}")
         adapter = LoraConfig(r=method.lora_r, lora_alpha=method.lora_alpha, lora_dropout=0.0, target_modules=["qkv"])
         self.model = unfreeze_classifier(inject_adapter_in_model(adapter, create_backbone(config.model, num_classes))).to(self.device)
 

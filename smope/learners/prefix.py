@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SmopeError
 from ..vit import AttentionWrapper, find_attention_blocks, pooled_features, replace_module, unfreeze_classifier
 
 Prefix = tuple[torch.Tensor, torch.Tensor]
@@ -88,17 +87,6 @@ class PromptPool(nn.Module):
 
     def forward(self, query: torch.Tensor | None, batch: int) -> tuple[dict[int, Prefix], torch.Tensor | None]:
         raise NotImplementedError
-
-
-def check_layers(key: str, layers: list[int], num_blocks: int) -> list[int]:
-    """Block indices from config key ``key``, checked against the backbone's ``num_blocks``."""
-    bad = [i for i in layers if not 0 <= i < num_blocks]
-    if not layers or bad or len(set(layers)) != len(layers):
-        raise SmopeError(
-            f"config key '{key}' must list distinct block indices in [0, {num_blocks - 1}] (this model has "
-            f"{num_blocks} blocks), got {layers}; e.g. {key}=[0]"
-        )
-    return list(layers)
 
 
 class PrefixPromptedModel(nn.Module):

@@ -30,10 +30,11 @@ from torch import nn
 from ..backbones import create_backbone
 from ..errors import SmopeError
 from ..runconfig import RunConfig, check_pool_size
+from ..vit import check_layers
 from ..trainer import Trainer
 from ..vit import find_attention_blocks
 from .base import Learner, TaskContext, cross_entropy_on
-from .prefix import Prefix, PrefixAttention, PrefixPromptedModel, PromptPool, check_layers, concat_prefixes, split_prefix
+from .prefix import Prefix, PrefixAttention, PrefixPromptedModel, PromptPool, concat_prefixes, split_prefix
 
 
 class L2PPool(PromptPool):
@@ -211,21 +212,10 @@ class PromptPoolLearner(Learner):
         return PrefixAttention(attention)
 
     def setting(self, key: str):
-        """``method.<key>``, or the method's published default when it is null."""
+        """``method.<key>`` (range-checked when the config loaded), or the method's published default when it is null."""
         value = getattr(self.config.method, key)
         return self.published[key] if value is None else value
 
-    def positive(self, key: str, minimum: int = 1) -> int:
-        value = self.setting(key)
-        if value < minimum:
-            raise SmopeError(f"config key 'method.{key}' must be >= {minimum}, got {value}")
-        return value
-
-    def prompt_length(self, key: str) -> int:
-        value = self.setting(key)
-        if value < 2 or value % 2:
-            raise SmopeError(f"config key 'method.{key}' must be even and >= 2 (half prefix keys, half values), got {value}")
-        return value
 
     def layers(self, key: str, shape: BackboneShape) -> list[int]:
         return check_layers(f"method.{key}", self.setting(key), shape.num_blocks)
@@ -233,7 +223,7 @@ class PromptPoolLearner(Learner):
     def pool_per_task(self) -> int:
         """``method.pool_size``, checked to hold at least one prompt per task (as the config's load does)."""
         check_pool_size(self.config)
-        return self.positive("pool_size")
+        return self.setting("pool_size")
 
     def param_groups(self) -> list[dict]:
         lr = self.config.train.lr
@@ -261,11 +251,11 @@ class L2PLearner(PromptPoolLearner):
     published = {"pool_size": 30, "prompt_length": 20, "prompt_layers": [0], "pool_top_k": 5}
 
     def build_pool(self, shape: BackboneShape) -> PromptPool:
-        pool_size, top_k = self.positive("pool_size"), self.positive("pool_top_k")
+        pool_size, top_k = self.setting("pool_size"), self.setting("pool_top_k")
         if top_k > pool_size:
             raise SmopeError(f"config key 'method.pool_top_k'={top_k} must not exceed method.pool_size={pool_size}")
         layers = self.layers("prompt_layers", shape)
-        return L2PPool(layers, pool_size, self.prompt_length("prompt_length"), top_k, shape.width, shape.query_dim)
+        return L2PPool(layers, pool_size, self.setting("prompt_length"), top_k, shape.width, shape.query_dim)
 
 
 class DualPromptLearner(PromptPoolLearner):
@@ -276,8 +266,8 @@ class DualPromptLearner(PromptPoolLearner):
             g_layers=self.layers("g_prompt_layers", shape),
             e_layers=self.layers("prompt_layers", shape),
             pool_size=self.pool_per_task(),
-            e_length=self.prompt_length("prompt_length"),
-            g_length=self.prompt_length("g_prompt_length"),
+            e_length=self.setting("prompt_length"),
+            g_length=self.setting("g_prompt_length"),
             width=shape.width,
             query_dim=shape.query_dim,
         )
@@ -299,7 +289,7 @@ class CodaPromptLearner(PromptPoolLearner):
         return CodaPromptPool(
             layers=self.layers("prompt_layers", shape),
             pool_size=self.pool_per_task(),
-            length=self.prompt_length("prompt_length"),
+            length=self.setting("prompt_length"),
             num_tasks=self.config.data.num_tasks,
             ortho_weight=ortho_weight,
             width=shape.width,

@@ -95,8 +95,8 @@ class VQPromptLearner(KeepsClassStatistics, PromptPoolLearner):
     def build_pool(self, shape: BackboneShape) -> PromptPool:
         return VQPromptPool(
             layers=self.layers("prompt_layers", shape),
-            pool_size=self.positive("pool_size"),
-            length=self.prompt_length("prompt_length"),
+            pool_size=self.setting("pool_size"),
+            length=self.setting("prompt_length"),
             temperature=self.setting("vq_temperature"),  # ranges checked when the config loads
             weights=(self.setting("vq_loss_weight"), self.setting("vq_commit_weight")),
             width=shape.width,
