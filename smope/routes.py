@@ -12,7 +12,8 @@ checkpoint) say which tasks' training images chose each selected expert. Per hea
 *overlap* is the share of its training selections that fall on the image's chosen experts (1 =
 that task's images always took exactly these experts); the head votes for the task of highest
 overlap (ties split the vote). The task the routing points to is the one with most votes, and
-its *agreement* the share of all heads that voted for it (docs/routing.md#per-image-routes).
+its *agreement* the share of all heads that voted for it; *one-task heads* is the share of heads
+whose vote went to one task alone, low when tasks share their experts (docs/routing.md#per-image-routes).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class GateReader:
     def _summary(self, heads: list[dict]) -> dict:
         """The task most heads vote for and the share of heads that do (a tie splits a head's vote)."""
         if self.usage is None:
-            return {"task": None, "agreement": None, "task_votes": None, "mean_task_overlap": None}
+            return {"task": None, "agreement": None, "single_task_heads": None, "task_votes": None, "mean_task_overlap": None}
         votes = np.zeros(len(self.usage))
         for entry in heads:
             for task in entry["votes_for"]:
@@ -139,6 +140,7 @@ class GateReader:
         return {
             "task": int(share.argmax()) + 1 if share.max() > 0 else None,
             "agreement": float(share.max()),
+            "single_task_heads": sum(len(entry["votes_for"]) == 1 for entry in heads) / len(heads),
             "task_votes": share.tolist(),
             "mean_task_overlap": np.mean([e["task_overlap"] for e in heads], axis=0).tolist(),
         }
@@ -156,7 +158,7 @@ def format_routes(results: list[dict]) -> str:
         f"routes of seed {first['seed']} after task {first['after_task']}: {len(first['layers'])} prompted layers x "
         f"{len(layer['heads'])} heads, top-{len(layer['heads'][0]['experts'])} experts each (tasks numbered from 1; --json for every head)",
     ]
-    header = ["image", "class", "prob.", "class's task", "routing points to", "agreement", "lowest margins (layer/head: margin)"]
+    header = ["image", "class", "prob.", "class's task", "routing points to", "agreement", "one-task heads", "lowest margins (layer/head: margin)"]
     rows = []
     for result in results:
         routes, best = result["routes"], result["predictions"][0]
@@ -168,6 +170,7 @@ def format_routes(results: list[dict]) -> str:
             _cell(routes["predicted_class_task"]),
             _cell(routes["task"]),
             "n/a" if routes["agreement"] is None else f"{routes['agreement']:.0%} of heads",
+            "n/a" if routes["single_task_heads"] is None else f"{routes['single_task_heads']:.0%}",
             lowest,
         ])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

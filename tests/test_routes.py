@@ -95,7 +95,7 @@ def test_the_task_summary_is_a_task_of_the_run(routed):
         routes = result["routes"]
         assert routes["task"] in (1, 2) and 0 < routes["agreement"] <= 1
         assert routes["agreement"] == pytest.approx(max(routes["task_votes"]))
-        assert sum(routes["task_votes"]) <= 1 + 1e-9
+        assert sum(routes["task_votes"]) <= 1 + 1e-9 and 0 <= routes["single_task_heads"] <= 1
         label = result["predictions"][0]["label"]
         assert routes["predicted_class_task"] == (1 if label < run.task_sizes[0] else 2)
         for layer in routes["layers"]:
