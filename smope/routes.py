@@ -91,22 +91,21 @@ class GateReader:
             for head in range(scores.shape[0]):
                 chosen = selected[head]
                 rest = torch.ones_like(gate[head], dtype=torch.bool).index_fill_(0, chosen, False)
-                unselected = torch.where(rest, gate[head], torch.finfo(gate.dtype).min)
-                first_out = int(unselected.argmax())
+                first_out = int(torch.where(rest, gate[head], -torch.inf).argmax()) if rest.any() else None  # None: top_k = num_experts
                 entry = {
                     "head": head,
                     "experts": chosen.tolist(),
                     "scores": scores[head, chosen].tolist(),
                     "gate_scores": gate[head, chosen].tolist(),
                     "first_unselected": first_out,
-                    "first_unselected_gate_score": float(gate[head, first_out]),
-                    "margin": float(gate[head, chosen].min() - gate[head, first_out]),
+                    "first_unselected_gate_score": None if first_out is None else float(gate[head, first_out]),
+                    "margin": None if first_out is None else float(gate[head, chosen].min() - gate[head, first_out]),
                     **self._tasks_of(layer_index, head, chosen.numpy()),
                 }
                 heads.append(entry)
                 heads_all.append((name, entry))
             layers.append({"layer": name, "heads": heads})
-        lowest = sorted(heads_all, key=lambda item: item[1]["margin"])[:LOWEST_MARGINS]
+        lowest = sorted((item for item in heads_all if item[1]["margin"] is not None), key=lambda item: item[1]["margin"])[:LOWEST_MARGINS]
         return {
             "seed": self.run.seed,
             "after_task": self.run.task + 1,
