@@ -55,7 +55,6 @@ class GateReader:
         self.run = run
         self.layers = prompted_layers(model)
         self.names = [n.removeprefix("base_model.") for n, m in model.named_modules() if isinstance(m, PromptedAttention)]
-        self.top_k = self.layers[0].top_k
         records = (run.routing or {}).get("records")
         self.usage = np.array([r["usage"] for r in records], dtype=np.float64) if records else None  # (T, L, H, E)
         if self.usage is not None:
@@ -77,10 +76,6 @@ class GateReader:
         with layer_hooks(self.layers, observe):
             yield
         self._captured = [tuple(t.detach().float().cpu() if t.is_floating_point() else t.cpu() for t in c) for c in captured]
-
-    def selected(self) -> torch.Tensor:
-        """The captured forward's selected experts, (L, B, H, K), as the layers attended to them."""
-        return torch.stack([selected for _, _, selected in self._captured])
 
     def image(self, index: int, predicted_label: int) -> dict:
         """The routes of image ``index`` of the captured forward (see the module docstring); tasks numbered from 1."""
