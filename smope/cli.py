@@ -104,9 +104,20 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     if args.top_k < 1:
         raise SmopeError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.routes:
+        from .routes import refuse_gateless
+
+        refuse_gateless(args.run_dir)  # before the model is built
     paths = image_paths(args.images)
-    results = predict(load_trained_run(args.run_dir, args.seed), paths, args.top_k, strict=args.strict)
-    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    results = predict(load_trained_run(args.run_dir, args.seed), paths, args.top_k, strict=args.strict, routes=args.routes)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif args.routes:
+        from .routes import format_routes
+
+        print(format_routes(results))
+    else:
+        print(format_predictions(results))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -168,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--seed", type=int, default=None, help="which seed's model (default: the run's first)")
     predict.add_argument("--json", action="store_true", help="print JSON for scripts (default: a table per image)")
     predict.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of skipping it")
+    predict.add_argument(
+        "--routes",
+        action="store_true",
+        help="also show, per image, the prompt experts the gate chose in each layer and head, their margins and "
+        "the task whose training images used them (docs/routing.md); with --json every head's detail",
+    )
     predict.set_defaults(func=cmd_predict)
 
     export = sub.add_parser("export", help="save a run's final adapter in peft's layout (SMoPEModel.from_pretrained loads it)")

@@ -171,12 +171,23 @@ class PromptedAttention(AttentionWrapper):
             spread = scores.amax(-1, keepdim=True) - scores.amin(-1, keepdim=True)
             if self.mode == "dense":
                 return scores, None, spread
-            coef = self.experts.penalty_coefficients(self.training, self.noise_eps, self.eval_noise)
-            shift = coef.to(scores.dtype) * spread
-            if self.training and self.noise_scale == "lead":
-                shift = shift + self.experts.frequent * flagged_lead(scores, self.experts.frequent)
-            selected = (scores - shift).topk(self.top_k, dim=-1).indices
+            selected = self.gate_scores(scores, spread).topk(self.top_k, dim=-1).indices
         return scores, selected, spread
+
+    def gate_scores(self, scores: torch.Tensor, spread: torch.Tensor | None = None) -> torch.Tensor:
+        """What the sparse gate takes the top-K of: the raw scores (B, H, E) minus the adaptive-noise shift.
+
+        The shift depends on the layer's mode (training or evaluation) and usage state as
+        :meth:`route` applies it; ``spread`` is the scores' range, computed when not given.
+        Per-image routes (smope.routes) read the margins of the evaluation gate from this.
+        """
+        if spread is None:
+            spread = scores.amax(-1, keepdim=True) - scores.amin(-1, keepdim=True)
+        coef = self.experts.penalty_coefficients(self.training, self.noise_eps, self.eval_noise)
+        shift = coef.to(scores.dtype) * spread
+        if self.training and self.noise_scale == "lead":
+            shift = shift + self.experts.frequent * flagged_lead(scores, self.experts.frequent)
+        return scores - shift
 
     def attend(
         self,

@@ -67,6 +67,10 @@ METHODS = (
     MethodSpec("norga", "hide_prompt:NoRGaLearner", (*HIDE_PROMPT, "norga_gate")),
 )
 
+# The learners whose model routes each input to its top-K prompt experts (smope.stability.is_gated):
+# what per-image routes, routing stability and collapse warnings apply to.
+GATED_METHODS = ("smope", "joint")
+
 BY_NAME: dict[str, MethodSpec] = {name: spec for spec in METHODS for name in (spec.name, *spec.aliases)}
 
 

@@ -8,8 +8,10 @@ order come from ``provenance.json`` (or, for runs written before it, from the da
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from itertools import accumulate
 from pathlib import Path
@@ -39,6 +41,8 @@ class TrainedRun:
     learner: Learner
     class_names: list[str]  # by label, i.e. in the seed's class order
     seen: int  # classes learned by ``task``: predictions are among labels 0..seen-1
+    task_sizes: list[int] | None = None  # classes per task, in task order
+    routing: dict | None = None  # the checkpoint's routing records (smope.routing.RoutingTracker.checkpoint_meta), if any
 
 
 def _classes(run_dir: Path, config: RunConfig, seed: int) -> tuple[list[str], list[int]]:
@@ -71,8 +75,8 @@ def load_trained_run(run_dir: str | Path, seed: int | None = None) -> TrainedRun
     names, sizes = _classes(run_dir.path, config, seed)
     torch.manual_seed(task_seed(seed, 0))  # as the run did: a random-weight backbone (model.weights=none) comes back the same
     learner = create_learner(config, len(names))
-    load_learner_state(learner, run_dir, seed, last)
-    return TrainedRun(config, seed, last, learner, names, list(accumulate(sizes))[last])
+    meta = load_learner_state(learner, run_dir, seed, last)
+    return TrainedRun(config, seed, last, learner, names, list(accumulate(sizes))[last], list(sizes), meta.get("routing"))
 
 
 def image_paths(inputs: list[str]) -> list[Path]:
@@ -96,15 +100,12 @@ def _unreadable(path: Path, exc: OSError) -> str:
     return "not an image file PIL can read" if isinstance(exc, UnidentifiedImageError) else (exc.strerror or str(exc))
 
 
-def predict(run: TrainedRun, paths: list[str | Path], top_k: int = 5, strict: bool = False) -> list[dict]:
-    """Top-k classes and probabilities per image, with the run's test transform.
+def image_batches(run: TrainedRun, paths: list[str | Path], strict: bool = False) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """The readable images among ``paths`` with the run's test transform, in batches of its eval batch size.
 
-    An unreadable file is skipped with one line on stderr (``strict``: it is an error instead);
-    none readable at all is an error.
+    An unreadable file is skipped with one line on stderr (``strict``: it is an error instead).
     """
     transform = split_transform(run.config, run.learner.model, train=False)
-    k = min(top_k, run.seen)
-    results = []
     batch_size = run.config.train.eval_batch_size
     for start in range(0, len(paths), batch_size):
         batch, images = [], []
@@ -117,16 +118,37 @@ def predict(run: TrainedRun, paths: list[str | Path], top_k: int = 5, strict: bo
                 print(f"skipped {path}: {_unreadable(path, exc)}", file=sys.stderr)
                 continue
             batch.append(path)
-        if not batch:
-            continue
-        images = torch.stack(images)
-        probabilities = run.learner.logits(images)[:, : run.seen].softmax(-1).cpu()
-        best = probabilities.topk(k, dim=-1)
-        for path, values, labels in zip(batch, best.values.tolist(), best.indices.tolist()):
-            results.append({
-                "image": str(path),
-                "predictions": [{"label": i, "class": run.class_names[i], "probability": p} for i, p in zip(labels, values)],
-            })
+        if batch:
+            yield batch, torch.stack(images)
+
+
+def top_classes(run: TrainedRun, logits: torch.Tensor, top_k: int) -> list[list[dict]]:
+    """Per image, the ``top_k`` most probable classes among those learned so far."""
+    best = logits[:, : run.seen].softmax(-1).cpu().topk(min(top_k, run.seen), dim=-1)
+    return [
+        [{"label": i, "class": run.class_names[i], "probability": p} for i, p in zip(labels, values)]
+        for values, labels in zip(best.values.tolist(), best.indices.tolist())
+    ]
+
+
+def predict(run: TrainedRun, paths: list[str | Path], top_k: int = 5, strict: bool = False, routes: bool = False) -> list[dict]:
+    """Top-k classes and probabilities per image, with the run's test transform.
+
+    ``routes``: each result also holds the image's ``routes`` (:mod:`smope.routes`); a run whose
+    method has no gate is an error. An unreadable file is skipped with one line on stderr
+    (``strict``: it is an error instead); none readable at all is an error.
+    """
+    from .routes import GateReader
+
+    gate = GateReader(run) if routes else None
+    results = []
+    for batch, images in image_batches(run, paths, strict):
+        with gate.capture() if gate is not None else contextlib.nullcontext():
+            logits = run.learner.logits(images)
+        for index, (path, best) in enumerate(zip(batch, top_classes(run, logits, top_k))):
+            results.append({"image": str(path), "predictions": best})
+            if gate is not None:
+                results[-1]["routes"] = gate.image(index, best[0]["label"])
     if not results:
         raise SmopeError(f"none of the {len(paths)} file(s) given is a readable image; give image files ({', '.join(IMG_EXTENSIONS)})")
     return results

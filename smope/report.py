@@ -12,6 +12,7 @@ plotting state alone and leaks no open figures.
 from __future__ import annotations
 
 import json
+import sys
 from itertools import accumulate
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from .errors import SmopeError
 from .model import PEFT_KEY_PREFIX
 from .provenance import PROVENANCE_FILE, provenance_markdown
 from .prompt_choice import prompt_choice_markdown
-from .routing import summarize_records
+from .methods import GATED_METHODS, spec_for
+from .routing import COLLAPSE_BALANCE, COLLAPSE_UNUSED, collapse_flags, layer_health, summarize_records
 from .rundir import RunDir
+from .stability import stability_from_checkpoints
 
 REPORT_DIR = "report"
 COUNTS_SUFFIX = ".experts.counts"
@@ -304,6 +307,105 @@ def routing_markdown(routing: dict) -> list[str]:
     return [*lines, "", "![routing](routing.png)", ""]
 
 
+def collapse_markdown(routing: dict) -> list[str]:
+    """Which prompted layers crossed the collapse thresholds of the run's warnings, per layer (first seed)."""
+    seed = routing["per_seed"][0]
+    balance, unused = layer_health(seed["task_usage"], routing["top_k"])  # (tasks, layers)
+    flags = [[collapse_flags(b, u) for b, u in zip(*task)] for task in zip(balance, unused)]  # (tasks, layers, 2)
+    header = ["layer", "usage balance, last task", "experts never chosen per head", "collapse", "flagged after tasks"]
+    lines = [
+        "### Collapse",
+        "",
+        f"A layer is marked, as the run's warnings mark it, when a task's usage balance is below {COLLAPSE_BALANCE} "
+        f"or more than {COLLAPSE_UNUSED:.0%} of its experts were never chosen by any task (docs/routing.md#collapse).",
+        "",
+        _table_row(header),
+        _table_row(["---"] * len(header)),
+    ]
+    for layer, name in enumerate(routing["layers"]):
+        low, idle = flags[-1][layer]
+        marks = [what for what, flagged in (("**low balance**", low), ("**mostly unused**", idle)) if flagged]
+        tasks = [str(task + 1) for task, row in enumerate(flags) if any(row[layer])]
+        cells = [
+            name,
+            f"{balance[-1, layer]:.3f}" if np.isfinite(balance[-1, layer]) else "n/a",
+            f"{unused[-1, layer] * routing['num_experts']:.1f} of {routing['num_experts']}",
+            ", ".join(marks) or "-",
+            ", ".join(tasks) or "-",
+        ]
+        lines.append(_table_row(cells))
+    return [*lines, ""]
+
+
+def stability_markdown(stability: dict) -> list[str]:
+    """The summary's "Routing stability" section: per test task and perturbation, mean over seeds."""
+    names = list(stability["perturbations"])
+    unchanged, changed = (_seed_mean(stability, key) for key in ("unchanged", "experts_changed"))  # (perturbations, tasks)
+    seeds = [run["seed"] for run in stability["per_seed"]]
+    header = ["test task", *(f"{name}: unchanged (%), experts changed" for name in names)]
+    lines = [
+        "## Routing stability",
+        "",
+        f"After the final task, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (mean): the share of (image, prompted "
+        "layer, head) pairs whose top-K expert set stays the same when the test image is perturbed, and the mean number of "
+        "experts that change. Perturbations: " + "; ".join(f"{name} = {text}" for name, text in stability["perturbations"].items()) + ".",
+        "",
+        _table_row(header),
+        _table_row(["---"] * len(header)),
+    ]
+    for task in range(unchanged.shape[1]):
+        lines.append(_table_row([str(task + 1), *(f"{100 * unchanged[p, task]:.1f}, {changed[p, task]:.3f}" for p in range(len(names)))]))
+    lines.append(_table_row(["mean", *(f"{100 * unchanged[p].mean():.1f}, {changed[p].mean():.3f}" for p in range(len(names)))]))
+    return [*lines, "", "![routing stability](stability.png)", ""]
+
+
+def _seed_mean(stability: dict, key: str) -> np.ndarray:
+    """``stability.per_seed[].key``, averaged over seeds: (perturbations, tasks[, layers])."""
+    names = list(stability["perturbations"])
+    return np.mean([[run[key][name] for name in names] for run in stability["per_seed"]], axis=0)
+
+
+def plot_stability(stability: dict, layers: list[str], path: Path) -> Path:
+    """Share of unchanged top-K sets per test task (left) and per prompted layer (right), one series per perturbation."""
+    names = list(stability["perturbations"])
+    by_task = 100 * _seed_mean(stability, "unchanged")  # (perturbations, tasks)
+    by_layer = 100 * _seed_mean(stability, "unchanged_by_layer").mean(1)  # (perturbations, layers), mean over tasks
+    num_tasks = by_task.shape[1]
+    figure = _figure(max(9.0, 0.5 * num_tasks + 0.6 * len(layers) + 5.0), 4.0)
+    left, right = figure.subplots(1, 2)
+    width = 0.8 / len(names)
+    tasks = np.arange(num_tasks)
+    for p, name in enumerate(names):
+        left.bar(tasks + (p - (len(names) - 1) / 2) * width, by_task[p], width, label=name)
+        right.plot(np.arange(len(layers)), by_layer[p], marker="o", label=name)
+    low = max(0.0, min(by_task.min(), by_layer.min()) - 5)
+    left.set_xticks(tasks, [str(t + 1) for t in tasks])
+    left.set(ylim=(low, 100.5), xlabel="test task", ylabel="top-K sets unchanged (%)", title="per test task")
+    right.set_xticks(np.arange(len(layers)), layers, rotation=30, ha="right", fontsize=8)
+    right.set(ylim=(low, 100.5), xlabel="prompted layer", title="per layer (mean over test tasks)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(loc="lower left", fontsize=8)
+    seeds = ", ".join(str(run["seed"]) for run in stability["per_seed"])
+    figure.suptitle(f"Routing stability after the final task (seed {seeds}): (image, head) pairs keeping their experts", fontsize=10)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def routing_stability_of(run_dir: Path, results: dict) -> tuple[dict | None, str | None]:
+    """metrics.json's ``routing.stability``, or for a gated run made before it was recorded, computed from the
+    checkpoints (:func:`~smope.stability.stability_from_checkpoints`); else None and one line saying why."""
+    routing = results.get("routing")
+    if routing is None or spec_for(results["method"]).name not in GATED_METHODS:
+        return None, None
+    if routing.get("stability") is not None:
+        return routing["stability"], None
+    try:
+        return stability_from_checkpoints(run_dir), None
+    except SmopeError as exc:
+        return None, f"routing stability not shown: this run's metrics.json has none and it cannot be computed from its checkpoints ({exc})"
+
+
 def _tasks_cell(results: dict) -> str:
     done = len(results["accuracy_matrix"])
     return str(done) if done == results["num_tasks"] else f"{done} of {results['num_tasks']}"
@@ -387,6 +489,15 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
     if routing is not None:
         plots.append(plot_routing(routing, out / "routing.png"))
         text += "\n" + "\n".join(routing_markdown(routing))
+        if spec_for(results["method"]).name in GATED_METHODS:
+            text += "\n" + "\n".join(collapse_markdown(routing))
+    stability, why_not = routing_stability_of(run_dir, results)
+    if stability is not None:
+        plots.append(plot_stability(stability, routing["layers"], out / "stability.png"))
+        text += "\n" + "\n".join(stability_markdown(stability))
+    elif why_not is not None:
+        print(why_not, file=sys.stderr)
+        text += f"\n## Routing stability\n\n{why_not}.\n"
     if results.get("prompt_choice") is not None:
         text += "\n" + "\n".join(prompt_choice_markdown(results["prompt_choice"]))
     summary = out / "summary.md"

@@ -123,7 +123,7 @@ def _selection(layer: PromptedAttention) -> torch.Tensor:
 
 
 @contextmanager
-def _hooks(layers: list[PromptedAttention], make_hook) -> Iterator[None]:
+def layer_hooks(layers: list[PromptedAttention], make_hook) -> Iterator[None]:
     """Forward hooks ``make_hook(index)`` on every layer, removed on exit."""
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
     try:
@@ -198,7 +198,7 @@ class RoutingTracker:
 
             return hook
 
-        with _hooks(self.layers, observe):
+        with layer_hooks(self.layers, observe):
             yield
         self._step_usage = distributed.all_reduce_sum(counts).cpu()
 
@@ -218,7 +218,7 @@ class RoutingTracker:
 
             return hook
 
-        with _hooks(self.layers, observe):
+        with layer_hooks(self.layers, observe):
             yield
         sets = _expert_sets(codes, self.layers[0].num_heads)
         distinct = [[len(s) for s in _union_over_processes(layer_sets)] for layer_sets in sets]

@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as TF
 from . import distributed
 from .errors import SmopeError
 from .layer import PromptedAttention
+from .methods import GATED_METHODS
 from .model import prompted_layers
 
 SHIFT = 0.05  # of the image side, at least one pixel
@@ -51,6 +52,17 @@ def is_gated(model: torch.nn.Module) -> bool:
     """Whether the model routes: prompted layers in sparse mode (dense prompts attend to every expert)."""
     layers = prompted_layers(model)
     return bool(layers) and all(layer.mode == "sparse" for layer in layers)
+
+
+def no_gate(method: str, what: str) -> SmopeError:
+    """The one-line error for ``what`` asked of a run whose method (``method.name``) has no gate, naming those that have one."""
+    return SmopeError(f"method.name={method} has no gate (no sparse prompt experts): {what} applies to {' and '.join(GATED_METHODS)} runs")
+
+
+def require_gate(model: torch.nn.Module, method: str, what: str) -> None:
+    """Raise :func:`no_gate`'s error when ``model`` (of ``method.name=method``) does not route."""
+    if not is_gated(model):
+        raise no_gate(method, what)
 
 
 def selections(layers: list[PromptedAttention]) -> torch.Tensor:
@@ -118,8 +130,7 @@ def stability_from_checkpoints(run_dir: str | Path) -> dict:
         data = seed_run.data
         if chain.length < seed_run.scenario.num_tasks:
             raise SmopeError(f"seed {seed} of {run_dir} stopped after task {chain.length}: stability is measured after the final task, so finish the run first")
-        if not is_gated(seed_run.learner.model):
-            raise SmopeError(f"method.name={config.method.name} has no gate (no sparse prompt experts): routing stability applies to smope and joint runs")
+        require_gate(seed_run.learner.model, config.method.name, "routing stability")
         seed_run.restore(chain.length - 1)
         per_seed.append({"seed": seed, **seed_run.stability()})
     if not per_seed:

@@ -1,6 +1,7 @@
 """`smope report` and experiments/collect.py on a finished tiny run: files, images, numbers, errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,11 @@ from smope import cli
 from smope.errors import SmopeError
 from smope.metrics import aggregate, summarize
 from smope.report import format_mean_std, write_report
+from smope.routing import collapse_warnings
 
 ROOT = Path(__file__).resolve().parent.parent
 COLLECT = ROOT / "experiments" / "collect.py"
-FILES = ["average_accuracy.png", "accuracy_matrix.png", "expert_usage.png", "routing.png", "summary.md"]
+FILES = ["average_accuracy.png", "accuracy_matrix.png", "expert_usage.png", "routing.png", "stability.png", "summary.md"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_usage_plot_is_skipped_without_usage_counts(finished_run, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text((finished_run / "metrics.json").read_text())
-    assert [p.name for p in write_report(run)] == ["average_accuracy.png", "accuracy_matrix.png", "routing.png", "summary.md"]
+    assert [p.name for p in write_report(run)] == ["average_accuracy.png", "accuracy_matrix.png", "routing.png", "stability.png", "summary.md"]
 
 
 def test_summary_has_a_routing_row_per_task(finished_run, report):
@@ -62,6 +64,58 @@ def test_summary_has_a_routing_row_per_task(finished_run, report):
     assert len(rows) == len(routing["distinct_sets"]) == 3
     heads_with_one_set = sum(np.array(routing["distinct_sets"][0]).ravel() == 1)
     assert f"| {heads_with_one_set} of 8 |" in rows[0]
+
+
+def stability_rows(summary: str) -> list[str]:
+    """The per-task rows of the summary's routing-stability table."""
+    section = summary.split("## Routing stability")[1]
+    return [line for line in section.splitlines() if line.startswith("| ") and line[2].isdigit()]
+
+
+def test_summary_shows_routing_stability_from_metrics_json(finished_run, report):
+    stability = json.loads((finished_run / "metrics.json").read_text())["routing"]["stability"]["per_seed"][0]
+    summary = report[-1].read_text()
+    rows = stability_rows(summary)
+    assert len(rows) == 3 and "](stability.png)" in summary
+    for task, row in enumerate(rows):
+        cells = [f"{100 * stability['unchanged'][name][task]:.1f}, {stability['experts_changed'][name][task]:.3f}" for name in ("hflip", "shift", "noise")]
+        assert row == f"| {task + 1} | " + " | ".join(cells) + " |"
+
+
+def test_collapse_marks_the_layers_the_run_warns_about(finished_run, report):
+    routing = json.loads((finished_run / "metrics.json").read_text())["routing"]
+    records = [{"usage": usage} for usage in routing["per_seed"][0]["task_usage"]]
+    warned = {line.split(" in ")[1].split(":")[0] for line in collapse_warnings(records, routing["layers"], routing["top_k"])}
+    section = report[-1].read_text().split("### Collapse")[1].split("## ")[0]
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in section.splitlines() if line.startswith("| blocks.")}
+    assert set(rows) == set(routing["layers"])
+    assert {name for name, row in rows.items() if "**" in row} == warned
+
+
+def test_a_run_from_before_stability_gets_it_from_its_checkpoints(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("report"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    recorded = metrics["routing"].pop("stability")
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    paths = write_report(run)
+    assert "stability.png" in [p.name for p in paths]
+    rows = stability_rows(paths[-1].read_text())
+    first = recorded["per_seed"][0]
+    assert rows[0].startswith(f"| 1 | {100 * first['unchanged']['hflip'][0]:.1f}, {first['experts_changed']['hflip'][0]:.3f} |")
+
+
+def test_a_run_without_stability_or_checkpoints_says_why_in_one_line(finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    del metrics["routing"]["stability"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    paths = write_report(run)
+    assert "stability.png" not in [p.name for p in paths]
+    why = capsys.readouterr().err.strip().splitlines()
+    assert len(why) == 1 and why[0].startswith("routing stability not shown:")
+    assert why[0] in paths[-1].read_text()
 
 
 def test_folder_that_is_not_a_run_says_so(tmp_path):
