@@ -107,7 +107,7 @@ class DevicePipeline:
 
     def __call__(self, batch: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor:
         if self.array is not None:
-            images = self.array.on(device)[batch.to(device)]
+            images = self.array.on(device).index_select(0, batch.to(device))
             if not self.random:  # same-sized images, deterministic steps: the whole batch at once
                 return self.steps(images)
         else:
