@@ -244,7 +244,7 @@ cli.main(sys.argv[1:])
 """
 
 
-def test_sigterm_is_one_line_exit_143_and_finished_tasks_are_kept(tmp_path):
+def test_sigterm_is_one_line_exit_143_and_finished_tasks_are_kept(quick_run, tmp_path):
     out = tmp_path / "run"
     run = child(RUN_UNTIL_TERMINATED, "run", TINY, f"output_dir={out}", *QUICK, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -258,6 +258,8 @@ def test_sigterm_is_one_line_exit_143_and_finished_tasks_are_kept(tmp_path):
     assert run.returncode == 143, err
     assert err.strip() == f"terminated (SIGTERM): finished tasks are saved in {out}; run the same command to resume"
     assert RunDir(out).finished_tasks(0) == [0] and RunDir(out).chain(0).problem is None
+    cli.main(["run", TINY, f"output_dir={out}", *QUICK])  # resubmitted: resumes at task 2, ends as an uninterrupted run
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((quick_run / "metrics.json").read_text())
 
 
 # settings -------------------------------------------------------------------------------------
