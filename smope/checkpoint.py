@@ -52,7 +52,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         try:
             write(tmp)
         except Exception as exc:
-            if disk_full(exc) and not isinstance(exc, OSError):
+            if disk_full(exc):  # named as the file it replaces, not its temporary name
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
             raise
         os.chmod(tmp, file_mode())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .backbones import check_block_settings
 from .data import DATASETS, KNOWN_NUM_CLASSES, ClassIncrementalScenario, build_transform, class_order, load_dataset, split_classes
+from .data.datasets import DOWNLOAD_HINT
 from .errors import SmopeError
 from .runconfig import RunConfig, dump_config
 
@@ -38,6 +39,22 @@ def _count(targets: Sequence[int], per_class: int | None) -> int:
     return sum(n if per_class is None else min(n, per_class) for n in Counter(targets).values())
 
 
+def _class_folders(train, test) -> list[str]:
+    """For an image folder: each class folder's name and images (train and test), and how many of
+    them sit in its sub-folders (read as part of the class), so a misplaced folder shows."""
+    if getattr(train, "folders", None) is None:
+        return []
+    total, nested = Counter(), Counter()
+    for part in (train, test):
+        for path, label in part.samples:
+            total[label] += 1
+            nested[label] += Path(path).parent != part.folders[label]
+    lines = [f"{len(train.classes)} class folders (hidden and system folders skipped; sub-folders count as their class):"]
+    for label, name in enumerate(train.classes):
+        lines.append(f"  {name}: {total[label]} images" + (f" ({nested[label]} in sub-folders)" if nested[label] else ""))
+    return lines
+
+
 def dry_run(config: RunConfig) -> str:
     """The dry run's report: the config as YAML, then per seed its class order and its tasks."""
     data = config.data
@@ -54,10 +71,14 @@ def dry_run(config: RunConfig) -> str:
         num_classes = KNOWN_NUM_CLASSES.get(data.name)
         relative = data.root is not None and not Path(data.root).expanduser().is_absolute()
         where = f" (data.root is relative to {Path.cwd()})" if relative else ""
-        lines.append(f"data not loaded, so no image counts (a dry run never downloads): {err}{where}")
+        message = str(err)
+        if data.download and DOWNLOAD_HINT in message:  # the dry run reads with download off; the run itself would fetch it
+            message = message.replace(DOWNLOAD_HINT, "") + "; with data.download=true the run downloads it there"
+        lines.append(f"data not loaded, so no image counts (a dry run never downloads): {message}{where}")
         if num_classes is None:
             lines.append(f"{data.name} has no fixed number of classes: the class order needs the data")
             return "\n".join(lines)
+    lines.extend(_class_folders(train, test))
     for seed in config.seeds:
         if train is None:
             order, sizes = class_order(num_classes, seed), split_classes(num_classes, data.num_tasks, data.first_task_classes)

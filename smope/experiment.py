@@ -169,7 +169,7 @@ class SeedRun:
         self.build()
         if distributed.is_main():
             with self.run_dir.locked():  # seed-parallel processes share provenance.json
-                record_seed(self.run_dir.path, self.config, self.seed, self.scenario, self.data.split_file)
+                record_seed(self.run_dir.path, self.config, self.seed, self.scenario, self.data.split_file, self.data.source)
         loggers = RunLoggers(self.config.train.loggers if distributed.is_main() else [], self.config, self.run_dir.path, self.seed)
         try:
             return self.run_tasks(chain, loggers)

@@ -99,8 +99,13 @@ def environment() -> dict:
     return {"python": platform.python_version(), "packages": {p: _version(p) for p in PACKAGES}, "smope_git": smope_commit()}
 
 
-def record_seed(out: Path, config: RunConfig, seed: int, scenario: ClassIncrementalScenario, split_file: str | Path | None) -> dict:
+def record_seed(
+    out: Path, config: RunConfig, seed: int, scenario: ClassIncrementalScenario, split_file: str | Path | None, source: str | None = None
+) -> dict:
     """Write ``out/provenance.json`` with this process's environment, adding ``seed``'s class order.
+
+    The dataset's ``root`` is where its images were read from: ``source`` when a loader fell back
+    to an offline copy, then also recording ``data.root`` as ``root_given``; else ``data.root``.
 
     Called as each seed starts, so a partial run has it too; class orders of seeds recorded by
     an earlier (interrupted) invocation are kept.
@@ -112,7 +117,8 @@ def record_seed(out: Path, config: RunConfig, seed: int, scenario: ClassIncremen
         "backbone": backbone_identity(config.model),
         "dataset": {
             "name": config.data.name,
-            "root": config.data.root,
+            "root": source or config.data.root,
+            **({"root_given": config.data.root} if source and config.data.root not in (None, source) else {}),
             "num_classes": scenario.num_classes,
             "task_sizes": scenario.task_sizes,
             "split_file": None if split_file is None else file_identity(split_file),

@@ -15,6 +15,18 @@ def tiny_timm_vit(num_classes: int = 10, **kwargs) -> torch.nn.Module:
     return timm.models.vision_transformer.VisionTransformer(**args)
 
 
+def fails(capsys, *args: str) -> str:
+    """Run the CLI, expect exit 2 and return its one-line message."""
+    from smope import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(list(args))
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny tensors: thread start-up dominates, and on a busy 2-core machine 2 threads are ~5x slower."""

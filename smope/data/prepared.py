@@ -74,6 +74,7 @@ class PreparedData:
     num_classes: int
     split_file: str | Path | None = None  # the fixed split a dataset reads, if any (recorded in provenance.json)
     pixel_norm: PixelNorm = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # (mean, std) the trainer applies to the uint8 images
+    source: str | None = None  # where the images were read from when not data.root (an offline fallback copy)
 
 
 def load_splits(config: RunConfig) -> tuple[Dataset, Dataset]:
@@ -112,7 +113,7 @@ def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, 
     norm = input_norm(model, data.normalize)
     if data.pipeline == "gpu":  # nothing to cache: the device decodes and resizes each batch
         splits = [device_split(config, model, raw, train) for raw, train in ((raw_train, True), (raw_test, False))]
-        return PreparedData(splits[0], splits[1], len(raw_train.classes), getattr(raw_train, "split_file", None), norm)
+        return PreparedData(splits[0], splits[1], len(raw_train.classes), getattr(raw_train, "split_file", None), norm, getattr(raw_train, "source", None))
     splits = []
     for raw, train, limit in ((raw_train, True, data.train_per_class), (raw_test, False, data.test_per_class)):
         augment = data.augment if train else []
@@ -121,4 +122,4 @@ def prepare_data(config: RunConfig, model: torch.nn.Module, raw_train: Dataset, 
             images, labels = node_cache(view, "train" if train else "test", num_workers=num_workers).tensors
             view = TensorImages(images, labels, view.classes)
         splits.append(view)
-    return PreparedData(splits[0], splits[1], len(raw_train.classes), getattr(raw_train, "split_file", None), norm)
+    return PreparedData(splits[0], splits[1], len(raw_train.classes), getattr(raw_train, "split_file", None), norm, getattr(raw_train, "source", None))

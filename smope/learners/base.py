@@ -108,7 +108,8 @@ class Learner:
         if problems:
             raise SmopeError(
                 f"checkpoint does not fit this {self.config.method.name} model ({problems}): it was written by another method, "
-                "configuration or version; delete it to rerun that task"
+                "configuration or smope version. Restore the configuration (or version) it was trained with, "
+                "or set output_dir to another folder for this one"
             )
 
     # Shared machinery ----------------------------------------------------------------------

@@ -46,8 +46,10 @@ def narrow_projection(dim: int, rp_dim: int) -> str | None:
     """A warning when the projection is narrower than the features it lifts, else None.
 
     RanPAC widens features (M = 10,000 for d = 768) so that classes become linearly separable;
-    M < d instead discards directions, and at M far below d the head falls to chance accuracy
-    (M = 2 on 64-wide features: 25% on a 4-class first task, 0% on later tasks).
+    M < d instead discards directions, and at M far below d the head falls to chance accuracy.
+    Measured on configs/tiny.yaml (64-wide features, tasks of 4, 3 and 3 classes) with
+    ``method.name=ranpac method.rp_dim=2``: average accuracy 25.17%, 12.59% and 8.39% after
+    tasks 1, 2 and 3, about chance on the 4, 7 and 10 classes seen (25%, 14.3%, 10%).
     """
     if rp_dim >= dim:
         return None
