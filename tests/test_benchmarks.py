@@ -104,3 +104,17 @@ def test_gpu_check_quick_runs_every_part_on_cpu(tmp_path):
     assert [row["pipeline"] for row in results["loaders"]] == ["cpu", "gpu"]  # the gpu pipeline's files come through a worker
     assert {"training", "usage pass", "statistics", "alignment", "evaluation"} <= set(results["end_to_end"]["phase_s"])
     assert "| (d) phase | seconds |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_loader_benchmark_quick_compares_the_two_evaluations(capsys):
+    """benchmarks/loader.py shrunk: both evaluations agree (it raises otherwise) and the device work is split out."""
+    spec = importlib.util.spec_from_file_location("loader_benchmark", SCRIPT.parent / "loader.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    evaluation = module.main(["--quick"])["evaluation"]
+    assert evaluation["same_accuracies"] and evaluation["tasks"] == 10
+    assert evaluation["cache_bytes_per_image"] == {"float": 4 * 3 * 32 * 32, "uint8": 3 * 32 * 32}
+    device = evaluation["device_work_s"]
+    assert 0 < device["one_loader_uint8_cache"] < evaluation["one_loader_uint8_cache_s"]
+    assert 0 < device["per_task_loaders_float_cache"] < evaluation["per_task_loaders_float_cache_s"]
+    assert "host side alone" in capsys.readouterr().out
