@@ -7,6 +7,11 @@ The rule: training has diverged when a loss is not finite, or when the mean loss
 last :data:`WINDOW` steps exceeds both :data:`GROWTH` times the first step's loss (taken
 before any update) and :data:`FLOOR`. Cross-entropy starts near ln(classes), so the
 floor only matters for losses that start near zero.
+
+The advice names the config keys that set the phase's learning rates: each optimizer
+parameter group says which one in its :data:`LR_KEY` entry (``"train.lr"``,
+``"method.lora_lr"``, ...), where the learner builds it. A group without one is taken as
+set by ``train.lr``, the harness's rate.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from .runconfig import RunConfig
 WINDOW = 10
 GROWTH = 100.0
 FLOOR = 10.0
-# Config keys that set a learning rate given to the optimizer directly.
-LR_KEYS = (("train", "lr"), ("method", "lora_lr"), ("method", "align_lr"), ("method", "slca_backbone_lr"), ("method", "slca_head_lr"))
+# The entry of an optimizer parameter group that names the config key its learning rate comes from.
+LR_KEY = "lr_key"
+DEFAULT_LR_KEY = "train.lr"
 
 
 class DivergenceGuard:
@@ -33,7 +39,9 @@ class DivergenceGuard:
         self.config, self.description = config, description
         # The precision in effect: the trainer's (train.precision with auto resolved for its device).
         self.precision = precision or config.train.precision
-        self.group_lrs = [group["lr"] for group in param_groups]
+        self.group_keys = [group.get(LR_KEY, DEFAULT_LR_KEY) for group in param_groups]
+        for key in self.group_keys:
+            self.setting(key)  # a group naming no config key fails here, not when the advice is written
         self.first: float | None = None
         self.recent: deque[float] = deque(maxlen=WINDOW)
         self.reason = ""
@@ -53,11 +61,16 @@ class DivergenceGuard:
         return False
 
     def lr_keys(self) -> list[str]:
-        """The learning-rate keys in effect in this phase (train.lr when none matches exactly)."""
-        keys = [f"{section}.{name}" for section, name in LR_KEYS if getattr(getattr(self.config, section), name) in self.group_lrs]
-        return keys or ["train.lr"]
+        """The config keys that set this phase's learning rates, each once: train.lr first, then in the groups' order."""
+        keys = list(dict.fromkeys(self.group_keys)) or [DEFAULT_LR_KEY]
+        return sorted(keys, key=lambda key: key != DEFAULT_LR_KEY)
+
+    def setting(self, key: str) -> float:
+        """The value of the config key ``key`` (``"section.name"``)."""
+        section, name = key.split(".")
+        return getattr(getattr(self.config, section), name)
 
     def error(self, epoch: int) -> ConfigAdviceError:
-        lower = " or ".join(f"{key} (now {getattr(getattr(self.config, key.split('.')[0]), key.split('.')[1]):g})" for key in self.lr_keys())
+        lower = " or ".join(f"{key} (now {self.setting(key):g})" for key in self.lr_keys())
         fp32 = "" if self.precision in ("fp32", "auto") else f", or use train.precision=fp32 (now {self.config.train.precision})"
         return ConfigAdviceError(f"{self.reason} in '{self.description}' (epoch {epoch}): training diverged. Lower {lower}{fp32}")

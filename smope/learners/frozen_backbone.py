@@ -73,7 +73,7 @@ class HeadOnlyLearner(Learner):
     def train_head(self, ctx: TaskContext, features: torch.Tensor, labels: torch.Tensor) -> None:
         head, criterion = self.model.get_classifier(), cross_entropy_on(ctx.classes)
         head.train()
-        groups = [{"params": list(head.parameters()), "lr": self.config.train.lr}]
+        groups = [{"params": list(head.parameters()), "lr": self.config.train.lr, "lr_key": "train.lr"}]
         data, epochs = TensorDataset(features, labels), self.config.train.epochs
         self.trainer.fit(groups, data, epochs, lambda x, y: criterion(head(x), y), ctx.seed, f"task {ctx.task + 1}")
 

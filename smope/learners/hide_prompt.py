@@ -282,7 +282,7 @@ class HiDePromptLearner(PromptPoolLearner):
         """Prompts at ``train.prompt_lr_scale`` x ``train.lr``, the head at ``train.lr`` (the task-identity head trains apart)."""
         lr = self.config.train.lr
         head = list(self.model.get_classifier().parameters())
-        return [{"params": [self.pool.prompts], "lr": lr * self.config.train.prompt_lr_scale, "weight_decay": 0.0}, {"params": head, "lr": lr}]
+        return [{"params": [self.pool.prompts], "lr": lr * self.config.train.prompt_lr_scale, "weight_decay": 0.0, "lr_key": "train.lr"}, {"params": head, "lr": lr, "lr_key": "train.lr"}]
 
     def train_task(self, ctx: TaskContext) -> None:
         self.pool.add_classes(ctx.task, ctx.classes)
@@ -297,7 +297,7 @@ class HiDePromptLearner(PromptPoolLearner):
         features, labels = self.features_and_labels(ctx.train_data, self.model.query)
         criterion = cross_entropy_on(ctx.classes)
         tii.train()
-        groups = [{"params": list(tii.parameters()), "lr": method.hide_tii_lr}]
+        groups = [{"params": list(tii.parameters()), "lr": method.hide_tii_lr, "lr_key": "method.hide_tii_lr"}]
         data = TensorDataset(features, labels)
         self.trainer.fit(groups, data, method.hide_tii_epochs, lambda x, y: criterion(tii(x), y), ctx.seed, f"task {ctx.task + 1} identity")
         self.tii_stats.update(features, labels)
@@ -345,6 +345,7 @@ class HiDePromptLearner(PromptPoolLearner):
             ctx.seen,
             epochs=method.hide_align_epochs,
             lr=method.hide_align_lr,
+            lr_key="method.hide_align_lr",
             samples_per_class=samples_per_class,
             batch_size=samples_per_class,
             seed=ctx.seed,

@@ -37,5 +37,5 @@ class LoRALearner(Learner):
 
         head = list(self.model.get_classifier().parameters())
         adapters = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
-        groups = [{"params": adapters, "lr": self.config.method.lora_lr}, {"params": head, "lr": self.config.train.lr}]
+        groups = [{"params": adapters, "lr": self.config.method.lora_lr, "lr_key": "method.lora_lr"}, {"params": head, "lr": self.config.train.lr, "lr_key": "train.lr"}]
         self.trainer.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}")

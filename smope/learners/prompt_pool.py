@@ -229,7 +229,7 @@ class PromptPoolLearner(Learner):
         lr = self.config.train.lr
         head = list(self.model.get_classifier().parameters())
         pool = list(self.model.pool.parameters())
-        return [{"params": pool, "lr": lr * self.config.train.prompt_lr_scale, "weight_decay": 0.0}, {"params": head, "lr": lr}]
+        return [{"params": pool, "lr": lr * self.config.train.prompt_lr_scale, "weight_decay": 0.0, "lr_key": "train.lr"}, {"params": head, "lr": lr, "lr_key": "train.lr"}]
 
     def train_task(self, ctx: TaskContext) -> None:
         self.model.pool.begin_task(ctx.task)

@@ -81,7 +81,7 @@ def slca_align(
             logits = logits / norms / logit_norm
         return F.cross_entropy(logits, labels)
 
-    groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": lr}]
+    groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": lr, "lr_key": "method.slca_head_lr"}]
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     multipliers = [epoch_cosine(epochs, per_epoch)]  # as the release steps it
     trainer.optimize(groups, optimizer, multipliers, epochs, per_epoch, batches, loss_fn, f"align {len(seen)} classes")
@@ -111,8 +111,8 @@ class SLCALearner(KeepsClassStatistics, Learner):
 
         head_ids = {id(p) for p in self.head.parameters()}
         backbone = [p for p in self.model.parameters() if id(p) not in head_ids and p.requires_grad]
-        groups = [{"params": backbone, "lr": self.config.method.slca_backbone_lr}] if backbone else []
-        groups.append({"params": list(self.head.parameters()), "lr": self.config.method.slca_head_lr})
+        groups = [{"params": backbone, "lr": self.config.method.slca_backbone_lr, "lr_key": "method.slca_backbone_lr"}] if backbone else []
+        groups.append({"params": list(self.head.parameters()), "lr": self.config.method.slca_head_lr, "lr_key": "method.slca_head_lr"})
         self.trainer.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}", weight_decay=WEIGHT_DECAY, optimizer=sgd)
 
     def after_task(self, ctx: TaskContext) -> None:

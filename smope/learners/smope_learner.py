@@ -69,7 +69,7 @@ class PromptLearner(Learner):
         prompts = list(prompt_parameters(self.model))
         prompt_ids = {id(p) for p in prompts}
         head = [p for p in self.model.parameters() if p.requires_grad and id(p) not in prompt_ids]
-        return [{"params": prompts, "lr": lr * self.config.train.prompt_lr_scale}, {"params": head, "lr": lr}]
+        return [{"params": prompts, "lr": lr * self.config.train.prompt_lr_scale, "lr_key": "train.lr"}, {"params": head, "lr": lr, "lr_key": "train.lr"}]
 
     def train_phase(self, ctx: TaskContext, epochs: int, description: str) -> None:
         criterion = cross_entropy_on(ctx.classes)
