@@ -87,7 +87,7 @@ def test_growing_loss_stops_the_run_before_any_task_and_keeps_the_dir_usable(tmp
 
 def test_divergence_rule_and_advice():
     bf16 = load_config(None, ["train.precision=bf16", "method.name=lora"])
-    guard = DivergenceGuard(bf16, "task 1", [{"lr": bf16.method.lora_lr}, {"lr": bf16.train.lr}])
+    guard = DivergenceGuard(bf16, "task 1", [{"lr": bf16.method.lora_lr, "lr_key": "method.lora_lr"}, {"lr": bf16.train.lr, "lr_key": "train.lr"}])
     for _ in range(30):
         assert not guard.diverged(torch.tensor(2.0))  # a flat loss is fine
     assert not any(guard.diverged(torch.tensor(150.0)) for _ in range(3))  # a few bad steps are not enough
