@@ -53,6 +53,11 @@ def create_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def frozen_backbone(config: ModelConfig, device: torch.device | str, num_classes: int = 0) -> nn.Module:
+    """:func:`create_backbone` with every weight frozen, in eval mode, on ``device`` (no head by default): a fixed feature extractor."""
+    return create_backbone(config, num_classes).requires_grad_(False).eval().to(device)
+
+
 def architecture_blocks(config: ModelConfig) -> int:
     """Attention blocks of ``model.name`` (with ``model.kwargs`` and ``model.img_size``), counted on
     the architecture built on the meta device: no weights, no memory, no download."""

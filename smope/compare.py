@@ -15,7 +15,8 @@ import yaml
 
 from .cost import method_flops
 from .errors import SmopeError
-from .report import _figure, _table_row, chance_curve, format_mean_std, load_results
+from .metrics import format_mean_std
+from .report import _figure, _table_row, chance_curve, load_results
 from .rundir import EXECUTION_KEYS, RunDir
 
 # Keys that say where and how a run executed, not what it computed (the seeds do count here).

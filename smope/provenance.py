@@ -9,13 +9,13 @@ class order of each seed and, for datasets with a fixed split file, that file's 
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import json
 import platform
 import subprocess
 from pathlib import Path
 
+from .checkpoint import file_sha256
 from .data import ClassIncrementalScenario
 from .runconfig import ModelConfig, RunConfig
 
@@ -25,12 +25,8 @@ PACKAGES = ("torch", "timm", "transformers", "peft", "smope")
 
 @functools.lru_cache(maxsize=8)
 def _sha256(path: str, size: int, mtime: float) -> str:
-    """sha256 of a file, computed once per (path, size, mtime) in a process."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """:func:`~smope.checkpoint.file_sha256`, computed once per (path, size, mtime) in a process."""
+    return file_sha256(Path(path))
 
 
 def file_identity(path: str | Path) -> dict:

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from .checkpoint import load_checkpoint
 from .data import split_classes
 from .errors import SmopeError
+from .metrics import format_mean_std
 from .model import PEFT_KEY_PREFIX
 from .provenance import PROVENANCE_FILE, provenance_markdown
 from .prompt_choice import prompt_choice_markdown
@@ -126,11 +127,6 @@ def load_expert_usage(run_dir: Path, seed: int) -> tuple[dict[str, np.ndarray], 
 def _block_order(path: str) -> list[tuple[int, int | str]]:
     """Sort key that puts blocks.2 before blocks.10 (plain string order would not)."""
     return [(0, int(part)) if part.isdigit() else (1, part) for part in path.split(".")]
-
-
-def format_mean_std(results: dict, key: str) -> str:
-    """``mean ± std`` over seeds with two decimals, the form of every metric in the summary."""
-    return f"{results[key]:.2f} ± {results[key + '_std']:.2f}"
 
 
 def _figure(width: float, height: float) -> Figure:

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from ..backbones import create_backbone
+from ..backbones import frozen_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from ..vit import pooled_features
@@ -34,7 +34,7 @@ class APERLearner(Learner):
         super().__init__(config, num_classes, trainer)
         self.adapter = DensePromptLearner(replace(config, method=replace(config.method, head="linear")), num_classes, self.trainer)
         self.model = self.adapter.model
-        self.frozen = create_backbone(config.model, num_classes=0).requires_grad_(False).eval().to(self.device)
+        self.frozen = frozen_backbone(config.model, self.device)
         self.stats = ClassStatistics(num_classes, self.frozen.num_features + self.model.num_features, device=self.device)
 
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from ..backbones import create_backbone
+from ..backbones import frozen_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from .base import Learner, TaskContext
@@ -37,7 +37,7 @@ class RanPACLearner(Learner):
         phase1 = replace(config, method=replace(config.method, head="linear"))  # its linear head trains the prompt
         self.adapter = DensePromptLearner(phase1, num_classes, self.trainer) if config.method.first_task_adapt else None
         if self.adapter is None:
-            self.model = create_backbone(config.model, num_classes=0).requires_grad_(False).to(self.device)
+            self.model = frozen_backbone(config.model, self.device)
         else:
             self.model = self.adapter.model
         self.ridge = RidgeHead(self.model.num_features, num_classes, config.method.rp_dim)

@@ -25,9 +25,10 @@ from ..model import (
 )
 from ..runconfig import MethodConfig, RunConfig
 from ..trainer import Trainer
+from ..vit import trainable_outside
 from .alignment import ClassStatistics, align_after_task
-from .base import Learner, TaskContext, cross_entropy_on
-from .ridge import LEGACY_STATE, RidgeHead
+from .base import Learner, TaskContext, training_loss
+from .ridge import RidgeHead
 
 
 @contextmanager
@@ -52,8 +53,6 @@ def smope_config(config: RunConfig) -> SMoPEConfig:
 class PromptLearner(Learner):
     """Shared machinery of learners built on prompt experts plus a linear head with alignment."""
 
-    optional_state = frozenset({"class_stats.classes"}) | LEGACY_STATE  # checkpoints from before per-task statistics, ridge features
-
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         backbone = create_backbone(config.model, num_classes)
@@ -67,19 +66,11 @@ class PromptLearner(Learner):
     def param_groups(self) -> list[dict]:
         lr = self.config.train.lr
         prompts = list(prompt_parameters(self.model))
-        prompt_ids = {id(p) for p in prompts}
-        head = [p for p in self.model.parameters() if p.requires_grad and id(p) not in prompt_ids]
+        head = trainable_outside(self.model, prompts)
         return [{"params": prompts, "lr": lr * self.config.train.prompt_lr_scale}, {"params": head, "lr": lr}]
 
     def train_phase(self, ctx: TaskContext, epochs: int, description: str) -> None:
-        criterion = cross_entropy_on(ctx.classes)
-
-        def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            self.model.train()
-            loss = criterion(self.model(images), labels)
-            aux = auxiliary_loss(self.model)
-            return loss if aux is None else loss + aux
-
+        loss_fn = training_loss(self.model, ctx.classes, lambda: auxiliary_loss(self.model))
         self.trainer.fit(self.param_groups(), ctx.train_data, epochs, loss_fn, ctx.seed, description)
 
     def after_task(self, ctx: TaskContext) -> None:
