@@ -62,11 +62,7 @@ def identity_of(values: dict) -> str:
 
 
 def run_identity(config: RunConfig) -> str:
-    """The ``run`` recorded in every checkpoint: :func:`identity_of` the settings that act (config.yaml's content).
-
-    Runs written before config.yaml held only those hashed the whole config; their saved file
-    still hashes to it as written (:meth:`RunDir.saved_identities`).
-    """
+    """The ``run`` recorded in every checkpoint: :func:`identity_of` the settings that act (config.yaml's content)."""
     return identity_of(acting_dict(config))
 
 
@@ -152,8 +148,8 @@ class RunDir:
     def saved_identities(self) -> set[str]:
         """The run identities config.yaml stands for: its content hashed as written, and as read today.
 
-        The first is what the run that wrote it recorded, also for runs of earlier versions; the
-        second forgives edits that change no setting (a key spelled out at its default).
+        The first is what the run that wrote it recorded, also when this version's defaults add keys;
+        the second forgives edits that change no setting (a key spelled out at its default).
         """
         raw = yaml.safe_load((self.path / self.CONFIG).read_text()) or {}
         return {identity_of(raw), run_identity(self.config())}
@@ -176,9 +172,9 @@ class RunDir:
                 meta = read_meta(first)
             except SmopeError:  # damaged: the chain check recomputes it (run) or refuses it (eval), naming the fix
                 continue
-            if meta.get("run") is None or meta["run"] in identities:  # None: written before checkpoints named their run
+            if meta.get("run") in identities:
                 continue
-            trained = meta.get("config")  # recorded since config.yaml holds only settings that act
+            trained = meta.get("config")  # the acting settings it was trained with
             changed = f" (they differ in {', '.join(differences(trained, acting_dict(config)))})" if trained else ""
             raise SmopeError(
                 f"{first} was trained as run {meta['run']}, but {described_by} describes run {run_identity(config)}{changed}. "

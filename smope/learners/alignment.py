@@ -110,9 +110,7 @@ class ClassStatistics:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "class_stats.") -> None:
         """Merge one checkpoint's classes into these statistics (earlier classes are kept)."""
-        rows = state.get(f"{prefix}classes")
-        if rows is None:  # checkpoints written before per-task statistics held every class
-            rows = torch.arange(len(state[f"{prefix}mean"]))
+        rows = state[f"{prefix}classes"]
         self.latest = rows.tolist()
         rows = rows.to(self.device)
         self.mean[rows] = state[f"{prefix}mean"].to(self.device, torch.float32)
