@@ -19,8 +19,8 @@ from .backbones import WeightsSource
 from .checkpoint import file_sha256
 from .data import ClassIncrementalScenario
 from .runconfig import ModelConfig, RunConfig
+from .rundir import RunDir
 
-PROVENANCE_FILE = "provenance.json"
 PACKAGES = ("torch", "timm", "transformers", "peft", "smope")
 
 
@@ -106,8 +106,8 @@ def record_seed(
     Called as each seed starts, so a partial run has it too; class orders of seeds recorded by
     an earlier (interrupted) invocation are kept.
     """
-    path = out / PROVENANCE_FILE
-    previous = json.loads(path.read_text()) if path.is_file() else {}
+    run_dir = RunDir(out)
+    previous = run_dir.provenance() or {}
     provenance = {
         **environment(),
         "backbone": backbone_identity(config.model),
@@ -124,7 +124,7 @@ def record_seed(
             str(seed): {"original_labels": scenario.class_order, "names": scenario.class_names},
         },
     }
-    path.write_text(json.dumps(provenance, indent=2))
+    run_dir.provenance_path.write_text(json.dumps(provenance, indent=2))
     return provenance
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from ..backbones import create_backbone
