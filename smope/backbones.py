@@ -71,6 +71,15 @@ def _check_model_name(name: str) -> None:
         raise SmopeError(f"unknown model.name '{name}': timm has no such model.{suggestion}")
 
 
+def _architecture_kwargs(config: ModelConfig) -> dict:
+    """timm's keywords for ``model.name`` (checked to exist): ``model.kwargs`` and ``model.img_size``."""
+    _check_model_name(config.name)
+    kwargs = dict(config.kwargs)
+    if config.img_size is not None:
+        kwargs["img_size"] = config.img_size
+    return kwargs
+
+
 def _timm_model(name: str, pretrained: bool, **kwargs) -> nn.Module:
     """``timm.create_model`` with its shape assertions and bad keywords turned into a clear error."""
     try:
@@ -96,10 +105,7 @@ def frozen_backbone(config: ModelConfig, device: torch.device | str, num_classes
 def architecture_blocks(config: ModelConfig) -> int:
     """Attention blocks of ``model.name`` (with ``model.kwargs`` and ``model.img_size``), counted on
     the architecture built on the meta device: no weights, no memory, no download."""
-    _check_model_name(config.name)
-    kwargs = dict(config.kwargs)
-    if config.img_size is not None:
-        kwargs["img_size"] = config.img_size
+    kwargs = _architecture_kwargs(config)
     with torch.device("meta"):
         model = _timm_model(config.name.split(".", 1)[0], False, **kwargs)
     return len(find_attention_blocks(model))
@@ -117,10 +123,7 @@ def check_block_settings(config: RunConfig) -> None:
 
 
 def _weighted_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
-    _check_model_name(config.name)
-    kwargs = dict(config.kwargs)
-    if config.img_size is not None:
-        kwargs["img_size"] = config.img_size
+    kwargs = _architecture_kwargs(config)
     weights, source = config.weights, WeightsSource.of(config)
     if source.kind == "random":
         return _timm_model(config.name, False, num_classes=num_classes, **kwargs)
