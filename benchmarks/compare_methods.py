@@ -30,6 +30,7 @@ from smope.cost import method_flops
 from smope.errors import SmopeError, exit_on_user_error
 from smope.experiment import SeedRun, run_experiment
 from smope.methods import METHODS as REGISTERED
+from smope.metrics import format_mean_std
 from smope.runconfig import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,15 +88,12 @@ def measure(config: RunConfig) -> dict:
 
 
 def row(benchmark: str, method: str, metrics: dict, measured: dict) -> str:
-    def mean_std(key: str) -> str:
-        return f"{metrics[key]:.2f} ± {metrics[key + '_std']:.2f}"
-
     cells = [
         benchmark,
         method,
-        mean_std("final_average_accuracy"),
-        mean_std("cumulative_average_accuracy"),
-        mean_std("final_forgetting"),
+        format_mean_std(metrics, "final_average_accuracy"),
+        format_mean_std(metrics, "cumulative_average_accuracy"),
+        format_mean_std(metrics, "final_forgetting"),
         f"{metrics['trainable_parameters']:,d}",
         f"{measured['train_gflops']:.3f}",
         f"{measured['test_gflops']:.3f}",

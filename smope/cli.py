@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import SmopeError, exit_on_user_error
+from .metrics import format_mean_std
 
 # The default experiment, shipped inside the package so `smope run` works from any folder
 # (configs/demo.yaml in the repository links to it).
@@ -24,10 +25,10 @@ def _summary(metrics: dict, out: str) -> str:
     lines = [f"\n{metrics['method']} on {metrics['dataset']} ({metrics['num_tasks']} tasks, seeds {metrics['seeds']})"]
     curve = "  ".join(f"{a:.1f}" for a in metrics["average_accuracy"])
     lines.append(f"  average accuracy after each task (%): {curve}")
-    std = lambda key: f" +- {metrics[key + '_std']:.2f}" if len(metrics["seeds"]) > 1 else ""  # noqa: E731
-    lines.append(f"  final average accuracy: {metrics['final_average_accuracy']:.2f}%{std('final_average_accuracy')}")
-    lines.append(f"  cumulative average accuracy: {metrics['cumulative_average_accuracy']:.2f}%{std('cumulative_average_accuracy')}")
-    lines.append(f"  final forgetting: {metrics['final_forgetting']:.2f}{std('final_forgetting')}")
+    several = len(metrics["seeds"]) > 1
+    lines.append(f"  final average accuracy: {format_mean_std(metrics, 'final_average_accuracy', '%', '+-', several)}")
+    lines.append(f"  cumulative average accuracy: {format_mean_std(metrics, 'cumulative_average_accuracy', '%', '+-', several)}")
+    lines.append(f"  final forgetting: {format_mean_std(metrics, 'final_forgetting', '', '+-', several)}")
     lines.append(f"  trainable parameters: {metrics['trainable_parameters']:,d}")
     lines.append(f"  outputs: {out}/ (metrics.json, metrics.csv, log.jsonl, config.yaml, seed_*/task_*.safetensors)")
     return "\n".join(lines)

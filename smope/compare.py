@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from .cost import method_flops
 from .errors import SmopeError
-from .report import _figure, _table_row, chance_curve, format_mean_std, load_results
+from .metrics import format_mean_std
+from .report import _figure, _table_row, chance_curve, load_results
 from .rundir import EXECUTION_KEYS, RunDir
 
 # Keys that say where and how a run executed, not what it computed (the seeds do count here).
@@ -132,7 +132,7 @@ def compare_runs(run_dirs: list[Path], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     chance = [chance_curve(d, r) for d, r in zip(run_dirs, results)]
     plot = plot_comparison(labels, results, chance, out / "accuracy_curves.png")
-    configs = [yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {} for d in run_dirs]
+    configs = [RunDir(d).saved_config() or {} for d in run_dirs]
     flops = [_gflops(d, r) for d, r in zip(run_dirs, results)]
     summary = out / "comparison.md"
     summary.write_text(comparison_markdown(labels, results, flops, differing_keys(configs), plot))

@@ -81,7 +81,6 @@ def load_learner_state(learner: Learner, run_dir: RunDir, seed: int, task: int, 
     """
     for earlier in range(first, task + 1):
         tensors, meta = load_checkpoint(run_dir.checkpoint(seed, earlier))
-        tensors.pop("rng_state", None)  # written by versions before 0.2; every task reseeds its RNG anyway
         learner.load_state_dict(tensors)
     return meta
 

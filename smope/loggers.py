@@ -32,7 +32,9 @@ class TensorBoardLogger:
     def __init__(self, out: Path, seed: int, config: RunConfig) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(out / "tensorboard" / f"seed_{seed}"))
+        from .rundir import RunDir
+
+        self.writer = SummaryWriter(log_dir=str(RunDir(out).tensorboard_dir(seed)))
 
     def log(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():

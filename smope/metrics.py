@@ -73,3 +73,10 @@ def aggregate(per_seed: Sequence[dict]) -> dict:
         result[key] = statistics.fmean(values)
         result[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
     return result
+
+
+def format_mean_std(metrics: dict, key: str, unit: str = "", sign: str = "±", with_std: bool = True) -> str:
+    """``metrics[key]`` with two decimals and ``unit``, then ``sign`` and its spread over seeds ``metrics[key + "_std"]``
+    (unless not ``with_std``): ``73.20 ± 1.05`` in reports, ``73.20% +- 1.05`` in the run's printed summary."""
+    mean = f"{metrics[key]:.2f}{unit}"
+    return f"{mean} {sign} {metrics[key + '_std']:.2f}" if with_std else mean

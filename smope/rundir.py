@@ -9,6 +9,8 @@ Layout::
     provenance.json                versions, backbone identity, class orders (:mod:`smope.provenance`)
     seed_<s>/task_<t>.safetensors  everything task t+1 needs (atomic; the resume points)
     .lock                          the writer's lock, holding its process id
+    report/                        ``smope report``'s plots and summary.md (by default)
+    tensorboard/seed_<s>/          with ``train.loggers: [tensorboard]``
 
 A run directory binds to a configuration only once work was done in it: until the first
 task checkpoint exists, a new command into the same ``output_dir`` replaces ``config.yaml``
@@ -62,11 +64,7 @@ def identity_of(values: dict) -> str:
 
 
 def run_identity(config: RunConfig) -> str:
-    """The ``run`` recorded in every checkpoint: :func:`identity_of` the settings that act (config.yaml's content).
-
-    Runs written before config.yaml held only those hashed the whole config; their saved file
-    still hashes to it as written (:meth:`RunDir.saved_identities`).
-    """
+    """The ``run`` recorded in every checkpoint: :func:`identity_of` the settings that act (config.yaml's content)."""
     return identity_of(acting_dict(config))
 
 
@@ -101,7 +99,10 @@ class RunDir:
     METRICS_CSV = "metrics.csv"
     LOG = "log.jsonl"
     EVAL = "eval.json"
+    PROVENANCE = "provenance.json"
     LOCK = ".lock"
+    REPORT = "report"
+    TENSORBOARD = "tensorboard"
     LOCK_WAIT = 0.5  # seconds a starting run retries while a reader probes the lock
 
     def __init__(self, path: str | Path) -> None:
@@ -109,6 +110,22 @@ class RunDir:
 
     def __str__(self) -> str:
         return str(self.path)
+
+    # Files and folders ----------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def provenance_path(self) -> Path:
+        return self.path / self.PROVENANCE
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / self.REPORT
+
+    def tensorboard_dir(self, seed: int) -> Path:
+        return self.path / self.TENSORBOARD / f"seed_{seed}"
 
     # Checkpoints ---------------------------------------------------------------------------
     def seed_dir(self, seed: int) -> Path:
@@ -137,26 +154,29 @@ class RunDir:
         if chain.problem:
             raise SmopeError(
                 f"cannot {doing} {self.path}: {chain.problem}, so the checkpoints of seed {seed} after task {chain.length} "
-                f"do not follow from the ones before. Recompute them with: smope run {self.path / self.CONFIG} output_dir={self.path}"
+                f"do not follow from the ones before. Recompute them with: smope run {self.config_path} output_dir={self.path}"
             )
         return chain
 
     # Configuration -------------------------------------------------------------------------
     def config(self) -> RunConfig:
         """The saved configuration, read with today's defaults (a key added since counts as its default)."""
-        path = self.path / self.CONFIG
+        path = self.config_path
         if not path.is_file():
             raise SmopeError(f"{self.path} is not a run directory: it has no {self.CONFIG} (run 'smope run CONFIG' first)")
         return load_config(path, strict=False)
 
+    def saved_config(self) -> dict | None:
+        """config.yaml as written, a plain dict (no defaults filled in, nothing checked); None when there is none."""
+        return yaml.safe_load(self.config_path.read_text()) if self.config_path.is_file() else None
+
     def saved_identities(self) -> set[str]:
         """The run identities config.yaml stands for: its content hashed as written, and as read today.
 
-        The first is what the run that wrote it recorded, also for runs of earlier versions; the
-        second forgives edits that change no setting (a key spelled out at its default).
+        The first is what the run that wrote it recorded, also when this version's defaults add keys;
+        the second forgives edits that change no setting (a key spelled out at its default).
         """
-        raw = yaml.safe_load((self.path / self.CONFIG).read_text()) or {}
-        return {identity_of(raw), run_identity(self.config())}
+        return {identity_of(self.saved_config() or {}), run_identity(self.config())}
 
     def check_identity(self, config: RunConfig | None = None, seeds: list[int] | None = None) -> None:
         """Refuse checkpoints whose recorded run is not ``config``'s (default: config.yaml's, when there is one).
@@ -166,8 +186,8 @@ class RunDir:
         """
         if config is not None:
             identities, described_by = {run_identity(config)}, "this command's configuration"
-        elif (self.path / self.CONFIG).is_file():
-            config, identities, described_by = self.config(), self.saved_identities(), str(self.path / self.CONFIG)
+        elif self.config_path.is_file():
+            config, identities, described_by = self.config(), self.saved_identities(), str(self.config_path)
         else:
             return
         firsts = sorted(self.path.glob("seed_*/task_000.safetensors")) if seeds is None else [self.checkpoint(s, 0) for s in seeds]
@@ -176,9 +196,9 @@ class RunDir:
                 meta = read_meta(first)
             except SmopeError:  # damaged: the chain check recomputes it (run) or refuses it (eval), naming the fix
                 continue
-            if meta.get("run") is None or meta["run"] in identities:  # None: written before checkpoints named their run
+            if meta.get("run") in identities:
                 continue
-            trained = meta.get("config")  # recorded since config.yaml holds only settings that act
+            trained = meta.get("config")  # the acting settings it was trained with
             changed = f" (they differ in {', '.join(differences(trained, acting_dict(config)))})" if trained else ""
             raise SmopeError(
                 f"{first} was trained as run {meta['run']}, but {described_by} describes run {run_identity(config)}{changed}. "
@@ -195,7 +215,7 @@ class RunDir:
         out = self.path
         text = dump_config(config)
         if self.has_finished_tasks():
-            if not (out / self.CONFIG).is_file():
+            if not self.config_path.is_file():
                 self.check_identity(config)
             else:
                 self.check_identity()
@@ -208,7 +228,7 @@ class RunDir:
                 text = self._with_execution_keys(config)
         try:
             out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out / self.CONFIG, text)
+            write_text_atomic(self.config_path, text)
         except OSError as exc:
             if disk_full(exc):
                 raise DiskFullError(exc, out, "run the same command again") from exc
@@ -216,7 +236,7 @@ class RunDir:
 
     def _with_execution_keys(self, config: RunConfig) -> str:
         """config.yaml as saved, with the :data:`EXECUTION_KEYS` of ``config`` (more seeds, another device)."""
-        saved = yaml.safe_load((self.path / self.CONFIG).read_text())
+        saved = self.saved_config()
         current = config.to_dict()
         for *sections, key in EXECUTION_KEYS:
             source, target = current, saved
@@ -362,3 +382,13 @@ class RunDir:
         """``name`` (metrics.json, eval.json, ...) parsed, or None when the file is absent."""
         path = self.path / name
         return json.loads(path.read_text()) if path.is_file() else None
+
+    def metrics(self) -> dict | None:
+        return self.read_json(self.METRICS)
+
+    def eval_result(self) -> dict | None:
+        return self.read_json(self.EVAL)
+
+    def provenance(self) -> dict | None:
+        """provenance.json (:mod:`smope.provenance`), or None when the folder has none."""
+        return self.read_json(self.PROVENANCE)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -264,17 +265,17 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     "head" is the trainable part of the classifier head; "prompt" is everything else that
     trains: prompt experts, prompt pools with their keys, LoRA matrices, a fine-tuned backbone.
     """
-    head_ids = {id(p) for name in classifier_names(model) for p in model.get_submodule(name).parameters()}
-    counts = {"trainable": 0, "prompt": 0, "head": 0, "frozen": 0, "total": 0}
-    for p in model.parameters():
-        n = p.numel()
-        counts["total"] += n
-        if not p.requires_grad:
-            counts["frozen"] += n
-            continue
-        counts["trainable"] += n
-        counts["head" if id(p) in head_ids else "prompt"] += n
-    return counts
+    head = [p for name in classifier_names(model) for p in model.get_submodule(name).parameters()]
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    prompt = sum(p.numel() for p in trainable_outside(model, head))
+    return {"trainable": trainable, "prompt": prompt, "head": trainable - prompt, "frozen": total - trainable, "total": total}
+
+
+def trainable_outside(model: nn.Module, part: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """The trainable parameters of ``model`` that are not among ``part``: the other side of a head / rest split."""
+    inside = {id(p) for p in part}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in inside]
 
 
 def state_mismatch(expected: dict[str, torch.Size | tuple[int, ...]], got: dict[str, torch.Size | tuple[int, ...]], limit: int = 5) -> str:

@@ -82,13 +82,6 @@ def test_ridge_checkpoints_hold_features_not_the_gram_matrix_and_a_resume_rebuil
         resumed.update(*tasks[task], seed=task)
     assert torch.equal(resumed.gram, whole.gram) and torch.equal(resumed.weight, whole.weight)
 
-    legacy = {k: v for k, v in states[2].items() if k != "ridge.features"} | {"ridge.gram": grams[2]}  # older checkpoints held G
-    old = RidgeHead(dim, classes, rp_dim)
-    old.load_state_dict(legacy)
-    for task in range(3, classes):
-        old.update(*tasks[task], seed=task)
-    assert torch.equal(old.gram, whole.gram) and torch.equal(old.weight, whole.weight)
-
 
 def test_ridge_head_fitted_task_by_task_is_the_ridge_solution_on_all_tasks_at_once():
     generator = torch.Generator().manual_seed(0)

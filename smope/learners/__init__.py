@@ -1,18 +1,27 @@
-"""Continual learners, selected by ``method.name`` through the registry in :mod:`smope.methods`."""
+"""Continual learners, selected by ``method.name`` through the registry in :mod:`smope.methods`.
+
+Each learner's module is imported when that learner is first asked for (:meth:`MethodSpec.load`),
+so importing this package imports only the base classes.
+"""
 
 from __future__ import annotations
 
 from ..methods import BY_NAME, spec_for
 from ..runconfig import RunConfig
 from .base import Learner, TaskContext
-from .smope_learner import SMoPELearner
-
-# name (aliases included) -> learner class; importing this package imports every learner.
-LEARNERS: dict[str, type[Learner]] = {name: spec.load() for name, spec in BY_NAME.items()}
 
 
 def create_learner(config: RunConfig, num_classes: int) -> Learner:
     return spec_for(config.method.name).load()(config, num_classes)
+
+
+def __getattr__(name: str):
+    """``LEARNERS`` (name, aliases included -> learner class) and ``SMoPELearner``, loaded on first use."""
+    if name == "LEARNERS":
+        return {method: spec.load() for method, spec in BY_NAME.items()}
+    if name == "SMoPELearner":
+        return spec_for("smope").load()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["LEARNERS", "Learner", "SMoPELearner", "TaskContext", "create_learner"]

@@ -110,9 +110,7 @@ class ClassStatistics:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "class_stats.") -> None:
         """Merge one checkpoint's classes into these statistics (earlier classes are kept)."""
-        rows = state.get(f"{prefix}classes")
-        if rows is None:  # checkpoints written before per-task statistics held every class
-            rows = torch.arange(len(state[f"{prefix}mean"]))
+        rows = state[f"{prefix}classes"]
         self.latest = rows.tolist()
         rows = rows.to(self.device)
         self.mean[rows] = state[f"{prefix}mean"].to(self.device, torch.float32)
@@ -141,6 +139,34 @@ class KeepsClassStatistics:
         self.check_state(state)
         self.stats.load_state_dict(state)
         self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("class_stats.")}, strict=False)
+
+
+Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+"""An epoch's batches of (features, labels), given the epoch."""
+
+
+def sampled_batches(
+    stats: ClassStatistics,
+    classes: range,
+    samples_per_class: int,
+    batch_size: int,
+    steps: int,
+    generator: torch.Generator,
+    shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> Batches:
+    """The batches of one alignment epoch: fresh draws of ``samples_per_class`` features for every class
+    of ``classes`` (``shift(features, labels)`` moves them, when given), shuffled, then ``steps`` batches of ``batch_size``."""
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        features, labels = stats.sample(classes, samples_per_class, generator)
+        if shift is not None:
+            features = shift(features, labels)
+        order = torch.randperm(len(labels), generator=generator, device=stats.device)
+        for step in range(steps):
+            batch = order[step * batch_size : (step + 1) * batch_size]
+            yield features[batch], labels[batch]
+
+    return batches
 
 
 def align_head(
@@ -180,12 +206,7 @@ def align_head(
     available = -(-len(seen) * samples_per_class // batch_size)
     per_epoch = available if iterations_per_epoch is None else min(iterations_per_epoch, available)
 
-    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        features, labels = stats.sample(seen, samples_per_class, generator)
-        order = torch.randperm(len(labels), generator=generator, device=stats.device)
-        for step in range(per_epoch):
-            batch = order[step * batch_size : (step + 1) * batch_size]
-            yield features[batch], labels[batch]
+    batches = sampled_batches(stats, seen, samples_per_class, batch_size, per_epoch, generator)
 
     def loss_fn(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(features)[:, : seen.stop].float(), labels)

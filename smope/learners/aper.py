@@ -5,26 +5,24 @@ The pre-trained model is adapted on the first task only, then frozen; every clas
 by the mean of the concatenated [frozen ; adapted] features of its training images, and a test
 image is assigned to the class mean closest in cosine similarity (SimpleCIL's classifier on the
 merged feature). The adaptation is the one ``ranpac`` uses, SMoPE's prompt in dense mode trained
-with a linear head (APER's paper offers VPT, SSF, adapters and full fine-tuning; this is the
+with a linear head (:class:`~smope.learners.smope_learner.FirstTaskPrompt`; APER's paper offers VPT, SSF, adapters and full fine-tuning; this is the
 VPT-deep-like one). Inference runs both models, so it costs two backbone passes per image.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from ..backbones import create_backbone
+from ..backbones import frozen_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from ..vit import pooled_features
 from .alignment import ClassStatistics
 from .base import Learner, TaskContext
 from .frozen_backbone import cosine_to_means
-from .smope_variants import DensePromptLearner
+from .smope_learner import FirstTaskPrompt, without_unused_statistics
 
-PROTOTYPES = "prototypes."  # checkpoint prefix of the merged-feature class means (the adapter keeps its own)
+PROTOTYPES = "prototypes."  # checkpoint prefix of the merged-feature class means
 
 
 class APERLearner(Learner):
@@ -32,9 +30,9 @@ class APERLearner(Learner):
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
-        self.adapter = DensePromptLearner(replace(config, method=replace(config.method, head="linear")), num_classes, self.trainer)
+        self.adapter = FirstTaskPrompt(config, num_classes, self.trainer)
         self.model = self.adapter.model
-        self.frozen = create_backbone(config.model, num_classes=0).requires_grad_(False).eval().to(self.device)
+        self.frozen = frozen_backbone(config.model, self.device)
         self.stats = ClassStatistics(num_classes, self.frozen.num_features + self.model.num_features, device=self.device)
 
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -42,8 +40,7 @@ class APERLearner(Learner):
         return torch.cat([pooled_features(self.frozen, images), super().pooled_features(images)], dim=-1)
 
     def train_task(self, ctx: TaskContext) -> None:
-        if ctx.task == 0:
-            self.adapter.train_task(ctx)
+        self.adapter.train_task(ctx)
 
     def after_task(self, ctx: TaskContext) -> None:
         self.stats.update(*self.features_and_labels(ctx.train_data, self.pooled_features))
@@ -56,6 +53,7 @@ class APERLearner(Learner):
         return {**self.adapter.state_dict(), **self.stats.state_dict(PROTOTYPES)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = without_unused_statistics(state)
         self.check_state(state)
-        self.adapter.load_state_dict({k: v for k, v in state.items() if not k.startswith(PROTOTYPES)})
+        self.adapter.load_state_dict(state)
         self.stats.load_state_dict(state, PROTOTYPES)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from ..errors import SmopeError
 from ..runconfig import RunConfig
 from ..trainer import Trainer
-from ..vit import pooled_features
+from ..vit import pooled_features, state_mismatch
 
 
 @dataclass
@@ -54,8 +54,6 @@ class Learner:
     extend :meth:`after_task`, :meth:`logits` and the checkpoint state. Training loops, loaders
     and feature passes are the :attr:`trainer`'s.
     """
-
-    optional_state: frozenset[str] = frozenset()  # checkpoint entries older versions did not write
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         self.config = config
@@ -94,17 +92,9 @@ class Learner:
 
         A missing entry would otherwise keep its fresh value silently and the run would go on from
         a state it never had. Only names are compared: per-task entries (class statistics) change
-        shape from task to task, and the loaders check shapes. ``optional_state`` lists entries
-        older checkpoints may lack.
+        shape from task to task, and the loaders check shapes.
         """
-        own = self.state_dict().keys()
-        missing = sorted(own - state.keys() - self.optional_state)
-        unexpected = sorted(state.keys() - own - self.optional_state)
-        problems = "; ".join(
-            f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-            for label, names in (("missing", missing), ("unexpected", unexpected))
-            if names
-        )
+        problems = state_mismatch(dict.fromkeys(self.state_dict(), ()), dict.fromkeys(state, ()), limit=3)
         if problems:
             raise SmopeError(
                 f"checkpoint does not fit this {self.config.method.name} model ({problems}): it was written by another method, "
@@ -137,3 +127,19 @@ class Learner:
 def cross_entropy_on(classes: range) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Cross-entropy over the seen classes with earlier tasks masked, as a function of logits."""
     return lambda logits, labels: F.cross_entropy(masked_logits(logits.float(), classes), labels)
+
+
+def training_loss(
+    model: nn.Module, classes: range, extra: Callable[[], torch.Tensor | None] | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A training step's loss: ``model`` in train mode, :func:`cross_entropy_on` ``classes``, plus ``extra()``
+    (read after the forward, e.g. the router's or the pool's own loss) when it gives one."""
+    criterion = cross_entropy_on(classes)
+
+    def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        model.train()
+        loss = criterion(model(images), labels)
+        added = None if extra is None else extra()
+        return loss if added is None else loss + added
+
+    return loss_fn

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from ..backbones import create_backbone
+from ..backbones import frozen_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from ..vit import unfreeze_classifier
@@ -34,11 +34,9 @@ class PrototypeLearner(Learner):
     method must beat.
     """
 
-    optional_state = frozenset({"class_stats.classes"})  # checkpoints from before per-task statistics
-
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
-        self.model = create_backbone(config.model, num_classes=0).requires_grad_(False).to(self.device)
+        self.model = frozen_backbone(config.model, self.device)
         self.stats = ClassStatistics(num_classes, self.model.num_features, device=self.device)
 
     def train_task(self, ctx: TaskContext) -> None:
@@ -65,7 +63,7 @@ class HeadOnlyLearner(Learner):
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
-        self.model = unfreeze_classifier(create_backbone(config.model, num_classes).requires_grad_(False)).to(self.device)
+        self.model = unfreeze_classifier(frozen_backbone(config.model, self.device, num_classes))
 
     def train_task(self, ctx: TaskContext) -> None:
         self.train_head(ctx, *self.features_and_labels(ctx.train_data, self.pooled_features))

@@ -89,7 +89,7 @@ class CentroidStatistics:
         return self.mean.device
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        from sklearn.cluster import KMeans  # imported when used: importing smope imports every learner
+        from sklearn.cluster import KMeans  # imported when used: sklearn is slow to import
 
         self.latest = sorted(labels.unique().tolist())
         for label in self.latest:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from ..backbones import create_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from ..vit import unfreeze_classifier
-from .base import Learner, TaskContext, cross_entropy_on
+from .base import Learner, TaskContext, training_loss
 
 
 class LoRALearner(Learner):
@@ -29,12 +28,7 @@ class LoRALearner(Learner):
         self.model = unfreeze_classifier(inject_adapter_in_model(adapter, create_backbone(config.model, num_classes))).to(self.device)
 
     def train_task(self, ctx: TaskContext) -> None:
-        criterion = cross_entropy_on(ctx.classes)
-
-        def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            self.model.train()
-            return criterion(self.model(images), labels)
-
+        loss_fn = training_loss(self.model, ctx.classes)
         head = list(self.model.get_classifier().parameters())
         adapters = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
         groups = [{"params": adapters, "lr": self.config.method.lora_lr, "lr_key": "method.lora_lr"}, {"params": head, "lr": self.config.train.lr, "lr_key": "train.lr"}]

@@ -33,7 +33,7 @@ from ..runconfig import RunConfig, check_pool_size
 from ..vit import check_layers
 from ..trainer import Trainer
 from ..vit import find_attention_blocks
-from .base import Learner, TaskContext, cross_entropy_on
+from .base import Learner, TaskContext, training_loss
 from .prefix import Prefix, PrefixAttention, PrefixPromptedModel, PromptPool, concat_prefixes, split_prefix
 
 
@@ -233,13 +233,7 @@ class PromptPoolLearner(Learner):
 
     def train_task(self, ctx: TaskContext) -> None:
         self.model.pool.begin_task(ctx.task)
-        criterion = cross_entropy_on(ctx.classes)
-
-        def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            self.model.train()
-            loss = criterion(self.model(images), labels)
-            return loss if self.model.aux_loss is None else loss + self.model.aux_loss
-
+        loss_fn = training_loss(self.model, ctx.classes, lambda: self.model.aux_loss)
         self.trainer.fit(self.param_groups(), ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}")
 
     def state_dict(self) -> dict[str, torch.Tensor]:

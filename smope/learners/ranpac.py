@@ -2,8 +2,8 @@
 
 Phase 1 adapts the backbone parameter-efficiently on the first task only and freezes it. RanPAC's
 paper offers AdaptFormer adapters, SSF and VPT; here the adaptation is SMoPE's prompt in dense
-mode (all experts on, prefix-style on ``method.layers``), trained with the linear head as
-``dense-prompt`` trains it. That is the VPT-deep-like option, and it reuses this package's prompt,
+mode (all experts on, prefix-style on ``method.layers``), trained with a linear head as
+``dense-prompt`` trains it (:class:`~smope.learners.smope_learner.FirstTaskPrompt`). That is the VPT-deep-like option, and it reuses this package's prompt,
 so ``ranpac`` and ``smope`` with ``method.head=ridge`` differ only in when and how the prompt is
 trained (first task, dense) versus every task, sparse. Its optimizer is the harness's (AdamW with
 ``train.lr`` and ``train.prompt_lr_scale``), not RanPAC's SGD at 0.01.
@@ -15,35 +15,27 @@ Phase 2, after every task: the frozen model's features of the task's training im
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from ..backbones import create_backbone
+from ..backbones import frozen_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from .base import Learner, TaskContext
-from .ridge import LEGACY_STATE, RIDGE_PREFIX, RidgeHead
-from .smope_variants import DensePromptLearner
+from .ridge import RidgeHead
+from .smope_learner import FirstTaskPrompt, without_unused_statistics
 
 
 class RanPACLearner(Learner):
     """Frozen (or first-task-adapted) features, random projection, ridge head from accumulated statistics."""
 
-    optional_state = LEGACY_STATE
-
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
-        phase1 = replace(config, method=replace(config.method, head="linear"))  # its linear head trains the prompt
-        self.adapter = DensePromptLearner(phase1, num_classes, self.trainer) if config.method.first_task_adapt else None
-        if self.adapter is None:
-            self.model = create_backbone(config.model, num_classes=0).requires_grad_(False).to(self.device)
-        else:
-            self.model = self.adapter.model
+        self.adapter = FirstTaskPrompt(config, num_classes, self.trainer) if config.method.first_task_adapt else None
+        self.model = frozen_backbone(config.model, self.device) if self.adapter is None else self.adapter.model
         self.ridge = RidgeHead(self.model.num_features, num_classes, config.method.rp_dim)
 
     def train_task(self, ctx: TaskContext) -> None:
-        if self.adapter is not None and ctx.task == 0:
+        if self.adapter is not None:
             self.adapter.train_task(ctx)
 
     def after_task(self, ctx: TaskContext) -> None:
@@ -57,7 +49,8 @@ class RanPACLearner(Learner):
         return {**({} if self.adapter is None else self.adapter.state_dict()), **self.ridge.state_dict()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = without_unused_statistics(state)
         self.check_state(state)
         self.ridge.load_state_dict(state)
         if self.adapter is not None:
-            self.adapter.load_state_dict({k: v for k, v in state.items() if not k.startswith(RIDGE_PREFIX)})
+            self.adapter.load_state_dict(state)

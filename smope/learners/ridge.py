@@ -108,18 +108,12 @@ class RidgeHead:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = RIDGE_PREFIX) -> None:
         """Load one checkpoint's head on top of the earlier ones' (checkpoints 0..t, in turn)."""
-        for name in ("projection", "targets", "weight", "ridge"):
+        for name in STATE:
             setattr(self, name, state[f"{prefix}{name}"].clone())
-        if f"{prefix}gram" in state:  # written before checkpoints held features: G itself
-            self.gram, self.pending, self.features = state[f"{prefix}gram"].clone(), [], torch.zeros(0, self.projection.shape[0])
-            return
-        self.features = state[f"{prefix}features"].clone()
         self.pending.append(self.features)
 
 
 STATE = ("projection", "targets", "weight", "ridge", "features")
-LEGACY_STATE = frozenset({f"{RIDGE_PREFIX}gram", f"{RIDGE_PREFIX}features"})
-"""Entries that differ between checkpoints with features and older ones with G (for ``Learner.optional_state``)."""
 
 
 def solvable_grid(gram: torch.Tensor) -> tuple[float, ...]:

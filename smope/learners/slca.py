@@ -23,17 +23,15 @@ Numbers from the authors' release (github.com/GengDavid/SLCA, models/slca.py and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 
 from ..backbones import create_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
-from ..vit import unfreeze_classifier
-from .alignment import ClassStatistics, KeepsClassStatistics, epoch_cosine
-from .base import Learner, TaskContext, cross_entropy_on
+from ..vit import trainable_outside, unfreeze_classifier
+from .alignment import ClassStatistics, KeepsClassStatistics, epoch_cosine, sampled_batches
+from .base import Learner, TaskContext, training_loss
 
 MOMENTUM = 0.9  # SLCA's release
 WEIGHT_DECAY = 5e-4  # SLCA's release
@@ -66,13 +64,10 @@ def slca_align(
     generator = torch.Generator(stats.device).manual_seed(seed)
     per_epoch = len(seen)
 
-    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        features, labels = stats.sample(seen, samples_per_class, generator)
-        features = features + (scale[labels] - 1).unsqueeze(1) * stats.mean[labels]  # the same spread around a scaled mean
-        order = torch.randperm(len(labels), generator=generator, device=stats.device)
-        for step in range(per_epoch):
-            batch = order[step * samples_per_class : (step + 1) * samples_per_class]
-            yield features[batch], labels[batch]
+    def scaled_mean(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return features + (scale[labels] - 1).unsqueeze(1) * stats.mean[labels]  # the same spread around a scaled mean
+
+    batches = sampled_batches(stats, seen, samples_per_class, samples_per_class, per_epoch, generator, scaled_mean)
 
     def loss_fn(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = head(features)[:, : seen.stop].float()
@@ -103,14 +98,8 @@ class SLCALearner(KeepsClassStatistics, Learner):
         return self.model.get_classifier()
 
     def train_task(self, ctx: TaskContext) -> None:
-        criterion = cross_entropy_on(ctx.classes)
-
-        def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            self.model.train()
-            return criterion(self.model(images), labels)
-
-        head_ids = {id(p) for p in self.head.parameters()}
-        backbone = [p for p in self.model.parameters() if id(p) not in head_ids and p.requires_grad]
+        loss_fn = training_loss(self.model, ctx.classes)
+        backbone = trainable_outside(self.model, self.head.parameters())
         groups = [{"params": backbone, "lr": self.config.method.slca_backbone_lr, "lr_key": "method.slca_backbone_lr"}] if backbone else []
         groups.append({"params": list(self.head.parameters()), "lr": self.config.method.slca_head_lr, "lr_key": "method.slca_head_lr"})
         self.trainer.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}", weight_decay=WEIGHT_DECAY, optimizer=sgd)

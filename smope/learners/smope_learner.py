@@ -23,11 +23,12 @@ from ..model import (
     prompted_layers,
     set_mode,
 )
-from ..runconfig import MethodConfig, RunConfig
+from ..runconfig import MethodConfig, RunConfig, TrainConfig
 from ..trainer import Trainer
+from ..vit import trainable_outside
 from .alignment import ClassStatistics, align_after_task
-from .base import Learner, TaskContext, cross_entropy_on
-from .ridge import LEGACY_STATE, RidgeHead
+from .base import Learner, TaskContext, training_loss
+from .ridge import RidgeHead
 
 
 @contextmanager
@@ -49,37 +50,74 @@ def smope_config(config: RunConfig) -> SMoPEConfig:
     return SMoPEConfig(**config.method.prompt_expert_settings())
 
 
+def prompted_backbone(config: RunConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """The frozen backbone with a ``num_classes`` head and SMoPE's prompt experts (the ``method.*`` prompt settings), on ``device``."""
+    backbone = create_backbone(config.model, num_classes)
+    try:
+        return attach(backbone, smope_config(config)).to(device)
+    except InvalidSettingError as exc:  # block indices beyond this backbone
+        raise SmopeError(f"invalid method.layers: {exc}") from exc
+
+
+def prompt_param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
+    """The prompt experts at ``train.prompt_lr_scale`` x ``train.lr``, the rest that trains (the head) at ``train.lr``."""
+    prompts = list(prompt_parameters(model))
+    return [
+        {"params": prompts, "lr": train.lr * train.prompt_lr_scale, "lr_key": "train.lr"},
+        {"params": trainable_outside(model, prompts), "lr": train.lr, "lr_key": "train.lr"},
+    ]
+
+
+UNUSED_STATISTICS = "class_stats."
+"""``ranpac`` and ``aper`` checkpoints may also hold empty class statistics under this prefix (those of a prompt
+learner that their adaptation never fills); :func:`without_unused_statistics` drops them, so such run folders load."""
+
+
+def without_unused_statistics(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not k.startswith(UNUSED_STATISTICS)}
+
+
+class FirstTaskPrompt:
+    """SMoPE's prompt in dense mode (every expert on, no routing losses), trained with a linear head on the first task only.
+
+    The parameter-efficient adaptation that ``ranpac`` and ``aper`` share: after the first task the
+    prompted model is frozen and they predict with heads of their own. Its checkpoint entries are
+    the prompt's and the head's (:meth:`state_dict`).
+    """
+
+    def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer) -> None:
+        self.config, self.trainer = config, trainer
+        self.model = prompted_backbone(config, num_classes, trainer.device)
+        set_mode(self.model, "dense")
+
+    def train_task(self, ctx: TaskContext) -> None:
+        if ctx.task == 0:
+            loss_fn = training_loss(self.model, ctx.classes, lambda: auxiliary_loss(self.model))
+            groups = prompt_param_groups(self.model, self.config.train)
+            self.trainer.fit(groups, ctx.train_data, self.config.train.epochs, loss_fn, ctx.seed, f"task {ctx.task + 1}")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.adapter_state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the prompt's and the head's entries of ``state`` (the learner checks the whole of it)."""
+        self.model.load_adapter_state_dict({k: v for k, v in state.items() if k.startswith(PEFT_KEY_PREFIX)})
+
+
 class PromptLearner(Learner):
     """Shared machinery of learners built on prompt experts plus a linear head with alignment."""
 
-    optional_state = frozenset({"class_stats.classes"}) | LEGACY_STATE  # checkpoints from before per-task statistics, ridge features
-
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
-        backbone = create_backbone(config.model, num_classes)
-        try:
-            self.model = attach(backbone, smope_config(config)).to(self.device)
-        except InvalidSettingError as exc:  # block indices beyond this backbone
-            raise SmopeError(f"invalid method.layers: {exc}") from exc
+        self.model = prompted_backbone(config, num_classes, self.device)
         self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance, self.device)
         self.ridge = RidgeHead(self.model.num_features, num_classes, config.method.rp_dim) if config.method.head == "ridge" else None
 
     def param_groups(self) -> list[dict]:
-        lr = self.config.train.lr
-        prompts = list(prompt_parameters(self.model))
-        prompt_ids = {id(p) for p in prompts}
-        head = [p for p in self.model.parameters() if p.requires_grad and id(p) not in prompt_ids]
-        return [{"params": prompts, "lr": lr * self.config.train.prompt_lr_scale, "lr_key": "train.lr"}, {"params": head, "lr": lr, "lr_key": "train.lr"}]
+        return prompt_param_groups(self.model, self.config.train)
 
     def train_phase(self, ctx: TaskContext, epochs: int, description: str) -> None:
-        criterion = cross_entropy_on(ctx.classes)
-
-        def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            self.model.train()
-            loss = criterion(self.model(images), labels)
-            aux = auxiliary_loss(self.model)
-            return loss if aux is None else loss + aux
-
+        loss_fn = training_loss(self.model, ctx.classes, lambda: auxiliary_loss(self.model))
         self.trainer.fit(self.param_groups(), ctx.train_data, epochs, loss_fn, ctx.seed, description)
 
     def after_task(self, ctx: TaskContext) -> None:
