@@ -4,10 +4,8 @@
     python benchmarks/prompt_choice.py RUN_DIR --seed 1 --json
 
 VQ-Prompt snaps each input's soft mixture of pool prompts to one pool prompt per block
-(docs/baselines.md#vq-prompt). Whether the inputs choose different prompts, and whether a task's
-images keep to their own, is what the method's selection is for: one prompt for every image
-means the pool acts as a single learned prompt. Counts come from the seed's last checkpoint over
-each task's test images, in evaluation mode.
+(docs/baselines.md#vq-prompt); :func:`smope.prompt_choice.pool_prompt_choices` counts the choices
+(``smope report`` shows the same as its "Pool prompt choice" section).
 """
 
 from __future__ import annotations
@@ -16,34 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from smope.errors import SmopeError, exit_on_user_error
-from smope.experiment import SeedRun
+from smope.errors import exit_on_user_error
+from smope.prompt_choice import pool_choice_lines, pool_prompt_choices
 from smope.rundir import RunDir
-
-
-@torch.no_grad()
-def prompt_choices(run_dir: Path, seed: int) -> dict:
-    """``{"blocks": prompted blocks, "counts": counts[task][i][prompt]}``: test images of ``task`` that chose pool ``prompt`` in block ``blocks[i]``."""
-    config = RunDir(run_dir).config()
-    run = SeedRun(config, seed, run_dir)
-    chain = run.chain()
-    if not chain.length:
-        raise SmopeError(f"{run_dir} has no task checkpoints for seed {seed}: nothing to count")
-    run.build()
-    pool = getattr(run.learner.model, "pool", None)
-    if not hasattr(pool, "chosen"):
-        raise SmopeError(f"{run_dir} is a {config.method.name} run: its learner does not snap to pool prompts (only vq-prompt does)")
-    run.restore(chain.length - 1)
-    counts = []
-    for task in range(chain.length):
-        per_block = torch.zeros(len(pool.layers), pool.prompts.shape[1], dtype=torch.int64)
-        for images, _ in run.learner.trainer.loader(run.scenario.test_dataset(task), config.train.eval_batch_size, shuffle=False):
-            run.learner.logits(images)
-            per_block.scatter_add_(1, pool.chosen.cpu(), torch.ones_like(pool.chosen.cpu()))
-        counts.append(per_block.tolist())
-    return {"blocks": list(pool.layers), "counts": counts}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -53,13 +26,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
     args = parser.parse_args(argv)
     seed = RunDir(args.run_dir).config().seeds[0] if args.seed is None else args.seed
-    choices = prompt_choices(args.run_dir, seed)
-    if args.json:
-        print(json.dumps(choices))
-        return choices
-    for task, rows in enumerate(choices["counts"]):
-        used = ", ".join(f"block {b}: {sum(1 for n in row if n)} of {len(row)}" for b, row in zip(choices["blocks"], rows))
-        print(f"test task {task + 1}: pool prompts chosen {used}; counts {rows}")
+    choices = pool_prompt_choices(args.run_dir, seed)
+    print(json.dumps(choices) if args.json else "\n".join(pool_choice_lines(choices)))
     return choices
 
 

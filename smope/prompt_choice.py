@@ -1,4 +1,4 @@
-"""Prompt-choice analytics of task-identity methods (hide-prompt, norga): which task's prompt each test image chose.
+"""Prompt-choice analytics: which task's prompt each test image chose (hide-prompt, norga), and which pool prompt (vq-prompt).
 
 Those methods first predict a task for every test image and then run that task's prompt, so
 their accuracy is bounded by how often the prediction is right. A :class:`PromptChoiceTracker`
@@ -8,6 +8,8 @@ resumed run reports the same numbers.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,3 +108,61 @@ def prompt_choice_markdown(choice: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+@torch.no_grad()
+def pool_prompt_choices(run_dir: Path, seed: int) -> dict:
+    """``{"blocks": prompted blocks, "counts": counts[task][i][prompt]}``: test images of ``task`` that chose pool ``prompt`` in block ``blocks[i]``.
+
+    For methods that snap each input to one pool prompt per block (vq-prompt): one prompt for
+    every image means the pool acts as a single learned prompt. Counted with the seed's last
+    checkpoint over each task's test images, in evaluation mode.
+    """
+    from .errors import SmopeError
+    from .experiment import SeedRun  # the run loop imports this module
+    from .rundir import RunDir
+
+    config = RunDir(run_dir).config()
+    run = SeedRun(config, seed, run_dir)
+    chain = run.chain()
+    if not chain.length:
+        raise SmopeError(f"{run_dir} has no task checkpoints for seed {seed}: nothing to count")
+    run.build()
+    pool = getattr(run.learner.model, "pool", None)
+    if not hasattr(pool, "chosen"):
+        raise SmopeError(f"{run_dir} is a {config.method.name} run: its learner does not snap to pool prompts (only vq-prompt does)")
+    run.restore(chain.length - 1)
+    counts = []
+    for task in range(chain.length):
+        per_block = torch.zeros(len(pool.layers), pool.prompts.shape[1], dtype=torch.int64)
+        for images, _ in run.learner.trainer.loader(run.scenario.test_dataset(task), config.train.eval_batch_size, shuffle=False):
+            run.learner.logits(images)
+            per_block.scatter_add_(1, pool.chosen.cpu(), torch.ones_like(pool.chosen.cpu()))
+        counts.append(per_block.tolist())
+    return {"blocks": list(pool.layers), "counts": counts}
+
+
+def pool_choice_lines(choices: dict) -> list[str]:
+    """One line per test task: how many pool prompts its images chose in each block, and the counts."""
+    return [
+        f"test task {task + 1}: pool prompts chosen "
+        + ", ".join(f"block {b}: {sum(1 for n in row if n)} of {len(row)}" for b, row in zip(choices["blocks"], rows))
+        + f"; counts {rows}"
+        for task, rows in enumerate(choices["counts"])
+    ]
+
+
+def pool_choice_markdown(choices: dict, seed: int) -> list[str]:
+    """The report's section for vq-prompt runs: pool prompts each test task's images chose per block."""
+    blocks = choices["blocks"]
+    return [
+        "## Pool prompt choice",
+        "",
+        f"Pool prompts chosen by each test task's images (of {len(choices['counts'][0][0])} per block), seed {seed}, last checkpoint:",
+        "",
+        "| test task | " + " | ".join(f"block {b}" for b in blocks) + " |",
+        "|---|" + "---|" * len(blocks),
+        *(f"| {t + 1} | " + " | ".join(str(sum(1 for n in row if n)) for row in rows) + " |" for t, rows in enumerate(choices["counts"])),
+        "",
+    ]
+

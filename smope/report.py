@@ -25,7 +25,7 @@ from .errors import SmopeError
 from .metrics import format_mean_std
 from .model import PEFT_KEY_PREFIX
 from .provenance import provenance_markdown
-from .prompt_choice import prompt_choice_markdown
+from .prompt_choice import pool_choice_markdown, pool_prompt_choices, prompt_choice_markdown
 from .methods import GATED_METHODS, spec_for
 from .routing import COLLAPSE_BALANCE, COLLAPSE_UNUSED, collapse_flags, layer_health, summarize_records
 from .rundir import RunDir
@@ -487,6 +487,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
         text += f"\n## Routing stability\n\n{why_not}.\n"
     if results.get("prompt_choice") is not None:
         text += "\n" + "\n".join(prompt_choice_markdown(results["prompt_choice"]))
+    if spec_for(results["method"]).name == "vq-prompt":
+        text += "\n" + "\n".join(pool_choice_markdown(pool_prompt_choices(run_dir, seed), seed))
     summary = out / "summary.md"
     summary.write_text(text)
     return [*plots, summary]

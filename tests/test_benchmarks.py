@@ -11,6 +11,7 @@ import pytest
 
 from smope import cli
 from smope.errors import SmopeError
+from smope.report import write_report
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_methods.py"
 
@@ -83,6 +84,9 @@ def test_prompt_choice_counts_every_test_image_once_per_block(tmp_path, finished
     assert choices["blocks"] == [0, 1] and len(choices["counts"]) == 3
     test_sizes = [20, 15, 15]  # 4, 3 and 3 classes of 5 test images
     assert [[sum(row) for row in task] for task in choices["counts"]] == [[n, n] for n in test_sizes]
+    summary = write_report(out)[-1].read_text()  # smope report shows the same counts
+    used = [sum(1 for n in row if n) for row in choices["counts"][0]]
+    assert "## Pool prompt choice" in summary and f"| 1 | {used[0]} | {used[1]} |" in summary
     with pytest.raises(SmopeError, match="is a smope run: its learner does not snap to pool prompts"):
         prompt_choice.main([str(finished_run)])
 
