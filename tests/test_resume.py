@@ -6,7 +6,9 @@ SIGTERM and the run's identity in test_run_folder.py, seed-parallel resume in te
 """
 
 import pytest
+import torch
 from helpers import checkpoints, interrupted_at, method_overrides, read_only, run, tiny_config
+from safetensors.torch import load_file
 
 from smope import SmopeError
 from smope.learners import LEARNERS, create_learner
@@ -44,6 +46,8 @@ def test_run_interrupted_after_the_first_task_resumes_to_the_uninterrupted_metri
         resumed = run(tmp_path / "resumed", *overrides)
     assert trained == [1, 2]  # the first task came back from its checkpoint
     assert resumed == whole  # metrics.json: accuracy matrix, per-seed metrics, routing, everything
+    last = [load_file(out / "seed_0" / "task_002.safetensors") for out in (tmp_path / "whole", tmp_path / "resumed")]
+    assert last[0].keys() == last[1].keys() and all(torch.equal(last[0][k], last[1][k]) for k in last[0])  # the same weights
 
 
 @pytest.mark.parametrize("method", sorted(LEARNERS))
