@@ -12,6 +12,8 @@ import torch
 from matplotlib.image import imread
 
 import smope
+from helpers import TINY, read_metrics
+
 from smope import cli, experiment
 from smope.backbones import create_backbone
 from smope.data import load_dataset
@@ -22,13 +24,9 @@ from smope.provenance import backbone_identity
 from smope.report import load_results
 from smope.runconfig import ModelConfig
 
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
 
-
-def run_cli(*args: str) -> None:
-    cli.main(list(args))
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +52,11 @@ def tiny_run(tmp_path_factory, split_file) -> Path:
     patch.setattr(experiment, "load_splits", with_split_file)
     loggers = "[tensorboard]" if HAS_TENSORBOARD else "[]"
     try:
-        run_cli("run", TINY, f"output_dir={out}", "train.epochs=2", f"train.loggers={loggers}")
+        cli.main(["run", TINY, f"output_dir={out}", "train.epochs=2", f"train.loggers={loggers}"])
     finally:
         patch.undo()
     return out
 
-
-def metrics_of(run: Path) -> dict:
-    return json.loads((run / "metrics.json").read_text())
 
 
 def test_provenance_is_complete(tiny_run, split_file):
@@ -84,7 +79,7 @@ def test_provenance_is_complete(tiny_run, split_file):
 
 
 def cli_report(run: Path) -> str:
-    run_cli("report", str(run))
+    cli.main(["report", str(run)])
     return (run / "report" / "summary.md").read_text()
 
 
@@ -100,7 +95,7 @@ def predicted_accuracy(run: Path, folder: Path, capsys) -> float:
         image.save(path)
         truth[str(path)] = label_of[test.classes[original]]
     capsys.readouterr()
-    run_cli("predict", str(run), str(folder), "--json", "--top-k", "3")
+    cli.main(["predict", str(run), str(folder), "--json", "--top-k", "3"])
     results = json.loads(capsys.readouterr().out)
     assert len(results) == len(test) and all(len(r["predictions"]) == 3 for r in results)
     return 100.0 * sum(r["predictions"][0]["label"] == truth[r["image"]] for r in results) / len(results)
@@ -108,22 +103,22 @@ def predicted_accuracy(run: Path, folder: Path, capsys) -> float:
 
 def test_predict_reproduces_the_final_accuracy(tiny_run, tmp_path, capsys):
     """Images of the test split written as files and predicted one by one score what the run's evaluation did."""
-    assert predicted_accuracy(tiny_run, tmp_path, capsys) == pytest.approx(metrics_of(tiny_run)["pooled_accuracy"])
+    assert predicted_accuracy(tiny_run, tmp_path, capsys) == pytest.approx(read_metrics(tiny_run)["pooled_accuracy"])
 
 
 @pytest.mark.parametrize("method", ["prototype", "l2p"])
 def test_predict_works_for_other_learners(method, tmp_path, capsys):
     run = tmp_path / "run"
-    run_cli("run", TINY, f"output_dir={run}", "train.epochs=1", f"method.name={method}")
+    cli.main(["run", TINY, f"output_dir={run}", "train.epochs=1", f"method.name={method}"])
     images = tmp_path / "images"
     images.mkdir()
-    assert predicted_accuracy(run, images, capsys) == pytest.approx(metrics_of(run)["pooled_accuracy"])
+    assert predicted_accuracy(run, images, capsys) == pytest.approx(read_metrics(run)["pooled_accuracy"])
 
 
 def test_predict_prints_class_names_and_probabilities(tiny_run, tmp_path, capsys):
     image, _ = load_dataset("digits", None, train=False)[0]
     image.save(tmp_path / "digit.png")
-    run_cli("predict", str(tiny_run), str(tmp_path / "digit.png"), "--top-k", "2")
+    cli.main(["predict", str(tiny_run), str(tmp_path / "digit.png"), "--top-k", "2"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(tmp_path / "digit.png") and len(lines) == 3
     assert lines[1].lstrip().startswith("1. ") and lines[1].endswith("%")
@@ -131,13 +126,13 @@ def test_predict_prints_class_names_and_probabilities(tiny_run, tmp_path, capsys
 
 def test_predict_names_a_missing_image(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
-        run_cli("predict", str(tiny_run), str(tmp_path / "nothing.png"))
+        cli.main(["predict", str(tiny_run), str(tmp_path / "nothing.png")])
     assert stopped.value.code == 2
     assert "nothing.png does not exist" in capsys.readouterr().err
 
 
 def test_exported_adapter_loads_into_a_fresh_backbone(tiny_run, tmp_path):
-    run_cli("export", str(tiny_run), str(tmp_path / "adapter"))
+    cli.main(["export", str(tiny_run), str(tmp_path / "adapter")])
     trained = load_trained_run(tiny_run)
     torch.manual_seed(task_seed(0, 0))  # the tiny backbone has random weights: build the run's own
     fresh = create_backbone(trained.config.model, len(trained.class_names))
@@ -150,22 +145,22 @@ def test_exported_adapter_loads_into_a_fresh_backbone(tiny_run, tmp_path):
 
 def test_report_compares_runs(tiny_run, tmp_path):
     other = tmp_path / "dense_run"
-    run_cli("run", TINY, f"output_dir={other}", "train.epochs=2", "method.name=dense-prompt")
+    cli.main(["run", TINY, f"output_dir={other}", "train.epochs=2", "method.name=dense-prompt"])
     partial = tmp_path / "partial_run"
     shutil.copytree(other, partial)
     (partial / "metrics.json").unlink()
     (partial / "seed_0" / "task_002.safetensors").unlink()
-    run_cli("eval", str(partial))
+    cli.main(["eval", str(partial)])
     # The partial run's routing comes from its last checkpoint: the full run's first two tasks.
-    routing, full = load_results(partial)["routing"], metrics_of(other)["routing"]
+    routing, full = load_results(partial)["routing"], read_metrics(other)["routing"]
     assert routing["per_seed"][0]["task_usage"] == full["per_seed"][0]["task_usage"][:2]
     assert routing["per_seed"][0]["test_in_task_experts"] == full["per_seed"][0]["test_in_task_experts"][:2]
     assert {k: v for k, v in routing.items() if k != "per_seed"} == {k: v for k, v in full.items() if k != "per_seed"}
 
-    run_cli("report", str(tiny_run), str(other), str(partial), "--out", str(tmp_path / "compared"))
+    cli.main(["report", str(tiny_run), str(other), str(partial), "--out", str(tmp_path / "compared")])
     assert imread(tmp_path / "compared" / "accuracy_curves.png").shape[0] > 100
     table = (tmp_path / "compared" / "comparison.md").read_text()
-    faa = metrics_of(tiny_run)["final_average_accuracy"]
+    faa = read_metrics(tiny_run)["final_average_accuracy"]
     assert f"| smope_run | smope | digits | 3 | 1 | {faa:.2f} ± 0.00 |" in table
     assert "| partial_run (partial: 2 of 3 tasks) | dense-prompt | digits | 2 of 3 |" in table
     differences = table.split("## Settings that differ")[1]
@@ -175,7 +170,7 @@ def test_report_compares_runs(tiny_run, tmp_path):
 
 def test_comparing_runs_needs_an_output_folder(tiny_run, capsys):
     with pytest.raises(SystemExit) as stopped:
-        run_cli("report", str(tiny_run), str(tiny_run))
+        cli.main(["report", str(tiny_run), str(tiny_run)])
     assert stopped.value.code == 2
     assert "--out DIR" in capsys.readouterr().err
 
@@ -188,7 +183,7 @@ def test_tensorboard_events_hold_the_per_task_accuracy(tiny_run):
     events.Reload()
     tags = events.Tags()["scalars"]
     assert {"accuracy/task_1", "accuracy/task_3", "train/loss", "train/lr_group0", "routing/usage_balance"} <= set(tags)
-    metrics = metrics_of(tiny_run)
+    metrics = read_metrics(tiny_run)
     average = [(e.step, e.value) for e in events.Scalars("accuracy/average")]
     assert [s for s, _ in average] == [1, 2, 3]
     assert np.allclose([v for _, v in average], metrics["average_accuracy"], atol=1e-4)
@@ -202,11 +197,11 @@ def test_wandb_writes_one_offline_run_per_seed(tmp_path, monkeypatch):
     logged = []
     real_log = WandbLogger.log
     monkeypatch.setattr(WandbLogger, "log", lambda self, values, step: logged.append(values) or real_log(self, values, step))
-    run_cli("run", TINY, f"output_dir={tmp_path / 'run'}", "train.epochs=1", "seeds=[0,1]", "train.loggers=[wandb]")
+    cli.main(["run", TINY, f"output_dir={tmp_path / 'run'}", "train.epochs=1", "seeds=[0,1]", "train.loggers=[wandb]"])
     logs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb"))
     assert len(logs) == 2 and all(log.stat().st_size > 0 for log in logs)
     averages = [values["accuracy/average"] for values in logged if "accuracy/average" in values]
-    per_seed = metrics_of(tmp_path / "run")["per_seed"]
+    per_seed = read_metrics(tmp_path / "run")["per_seed"]
     assert averages == pytest.approx([a for run in per_seed for a in run["average_accuracy"]])
 
 
@@ -214,7 +209,7 @@ def test_a_missing_logger_package_names_the_extra(tmp_path, capsys, monkeypatch)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
     with pytest.raises(SystemExit) as stopped:
-        run_cli("run", TINY, f"output_dir={tmp_path / 'run'}", "train.loggers=[wandb]")
+        cli.main(["run", TINY, f"output_dir={tmp_path / 'run'}", "train.loggers=[wandb]"])
     assert stopped.value.code == 2
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1 and "pip install 'smope[wandb]'" in error
@@ -223,7 +218,7 @@ def test_a_missing_logger_package_names_the_extra(tmp_path, capsys, monkeypatch)
 
 def test_an_unknown_logger_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run_cli("run", TINY, f"output_dir={tmp_path / 'run'}", "train.loggers=[mlflow]")
+        cli.main(["run", TINY, f"output_dir={tmp_path / 'run'}", "train.loggers=[mlflow]"])
     assert "unknown logger 'mlflow'" in capsys.readouterr().err
 
 

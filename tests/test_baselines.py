@@ -1,11 +1,12 @@
 """Baselines in the harness: every learner runs, learns, checkpoints; FLOPs are counted right."""
 
 import json
-from pathlib import Path
 
 import pytest
 import timm
 import torch
+
+from helpers import TINY, checkpoints, run, run_method, tiny_config
 
 from smope import cli
 from smope.checkpoint import load_checkpoint
@@ -13,42 +14,20 @@ from smope.cost import count_flops, method_config, method_flops
 from smope.learners import LEARNERS, create_learner
 from smope.learners.prefix import PrefixAttention
 from smope.learners.prompt_pool import CodaPromptPool
-from smope.runconfig import load_config
 
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 
-# The tiny ViT has 2 blocks and 17 tokens, so the published block choices do not exist in it and
-# the published prompt lengths (20 prefix tokens per L2P prompt, 5 prompts) would be several times
-# its sequence: scale those down. All learners share one learning rate below the tiny config's.
-SHARED = ["train.lr=0.01"]
-TINY_SCALE = {
-    # L2P trains only its prompt pool and head: at the tiny scale it needs more epochs to clear
-    # chance on every class order (10 epochs: 12% final accuracy with seed 0's; 20 epochs: 25%).
-    "l2p": ["method.prompt_length=4", "train.epochs=20"],
-    "dualprompt": ["method.prompt_length=4", "method.g_prompt_length=2", "method.g_prompt_layers=[0]", "method.prompt_layers=[1]"],
-    "coda-prompt": ["method.prompt_layers=[0, 1]"],
-    "vq-prompt": ["method.prompt_layers=[0, 1]"],
-    # Fewer task-identity and realignment epochs than published (20, 30): seconds, not a minute, per run.
-    "hide-prompt": ["method.prompt_layers=[0, 1]", "method.prompt_length=4", "method.hide_tii_epochs=10", "method.hide_align_epochs=10"],
-    "norga": ["method.prompt_layers=[0, 1]", "method.prompt_length=4", "method.hide_tii_epochs=10", "method.hide_align_epochs=10"],
-}
 TWO_PASS = ("l2p", "dualprompt", "coda-prompt", "vq-prompt")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_config(method: str, *overrides: str):
-    return load_config(TINY, [f"method.name={method}", "train.device=cpu", *SHARED, *TINY_SCALE.get(method, []), *overrides])
-
-
 @pytest.mark.parametrize("method", sorted(LEARNERS))
 def test_learner_learns_and_its_checkpoints_reproduce_it(method, tmp_path):
     out = tmp_path / "run"
-    cli.main(["run", TINY, f"output_dir={out}", f"method.name={method}", *SHARED, *TINY_SCALE.get(method, [])])
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = run_method(out, method)
     assert metrics["method"] == method
-    assert sorted(p.name for p in (out / "seed_0").iterdir()) == [f"task_{t:03d}.safetensors" for t in range(3)]
+    assert checkpoints(out) == [f"task_{t:03d}.safetensors" for t in range(3)]
     assert metrics["final_average_accuracy"] > 15.0  # chance is 10% over the 10 digits
     if method in ("smope", "dense-prompt", "joint", "l2p", "dualprompt", "coda-prompt", "prototype", "head-only", "lora"):
         assert ("routing" in metrics) == (method in ("smope", "dense-prompt", "joint"))  # only prompt experts route
@@ -56,6 +35,16 @@ def test_learner_learns_and_its_checkpoints_reproduce_it(method, tmp_path):
     # Each task's checkpoint alone, loaded into a fresh learner, gives back the same accuracies.
     cli.main(["eval", str(out)])
     assert json.loads((out / "eval.json").read_text())["accuracy_matrix"] == metrics["accuracy_matrix"]
+
+
+def test_aligned_head_is_head_only_plus_the_alignment(tmp_path):
+    def accuracy(method: str, *extra: str) -> list[list[float]]:
+        out = tmp_path / "-".join((method, *extra))
+        return run(out, "train.epochs=2", f"method.name={method}", *extra)["accuracy_matrix"]
+
+    head_only, aligned = accuracy("head-only"), accuracy("aligned-head", "method.align_epochs=2")
+    assert aligned[0] == head_only[0] and aligned[1:] != head_only[1:]  # the same first task; aligned from the second on
+    assert accuracy("aligned-head", "method.align=false") == head_only  # without the alignment it is head-only exactly
 
 
 def test_joint_trains_once_on_every_class(tmp_path):
@@ -98,6 +87,19 @@ def test_smope_flops_match_a_hand_count():
     counted = count_flops(learner.logits, torch.randn(1, 3, 16, 16))
     assert counted.total == 2 * macs
     assert counted.attention == 2 * blocks * attention
+
+
+def test_flops_count_the_random_projection_and_the_second_backbone_pass():
+    dense = method_flops(tiny_config("dense-prompt"), 10).inference.total
+    prototype = method_flops(tiny_config("prototype"), 10).inference.total
+    dim, rp_dim, classes = 64, 256, 10  # configs/tiny.yaml
+    head = 2 * dim * classes  # a linear head, and equally the cosine scores against the class means
+    ridge = 2 * (dim * rp_dim + rp_dim * classes)
+    assert method_flops(tiny_config("ranpac"), 10).inference.total == dense - head + ridge
+    assert method_flops(tiny_config("dense-prompt", "method.head=ridge"), 10).inference.total == dense - head + ridge
+    assert method_flops(tiny_config("ranpac", "method.first_task_adapt=false"), 10).inference.total == prototype - head + ridge
+    # The frozen pass and the adapted pass, then cosine scores on the feature of twice the width.
+    assert method_flops(tiny_config("aper"), 10).inference.total == (prototype - head) + (dense - head) + 2 * head
 
 
 def test_smope_needs_half_the_inference_flops_of_coda_prompt_on_vit_base():

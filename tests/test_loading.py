@@ -10,6 +10,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import InterpolationMode, v2
 
+from helpers import TINY
+
 from smope import cli, distributed
 from smope.data import ArrayDataset, ClassIncrementalScenario, build_transform, cache_dataset, normalize_pixels
 from smope.data import cache as cache_module
@@ -21,7 +23,6 @@ from smope.errors import SmopeError
 from smope.experiment import SeedRun, evaluate
 from smope.runconfig import load_config
 
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

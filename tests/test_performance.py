@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from helpers import TINY, tiny_learner
+
 from smope import layer as layer_module
 from smope.errors import SmopeError
 from smope.experiment import with_resolved_precision
-from smope.learners import TaskContext, create_learner
+from smope.learners import TaskContext
 from smope.learners.alignment import VARIANCE_FLOOR, ClassStatistics
 from smope.model import prompted_layers, set_mode
 from smope.routing import RoutingTracker
@@ -21,7 +23,6 @@ from smope.rundir import RunDir
 from smope.runconfig import load_config
 from smope.trainer import resolve_precision
 
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -38,10 +39,6 @@ def step_overhead():
         sys.path.remove(benchmarks)
     return module
 
-
-def tiny_learner(*overrides: str):
-    torch.manual_seed(0)
-    return create_learner(load_config(TINY, ["train.device=cpu", *overrides]), num_classes=10)
 
 
 def task(samples: int) -> TaskContext:

@@ -2,24 +2,20 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from smope import cli
-from smope.learners import Learner, TaskContext, create_learner
-from smope.runconfig import load_config
+from helpers import TINY, tiny_learner
 
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+from smope import cli
+from smope.learners import Learner, TaskContext
+
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def tiny_learner(*overrides: str) -> Learner:
-    return create_learner(load_config(TINY, ["train.device=cpu", *overrides]), num_classes=10)
 
 
 def one_batch_task() -> TaskContext:

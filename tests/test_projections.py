@@ -10,7 +10,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import tiny_timm_vit
+from helpers import tiny_timm_vit
 from torch import nn
 
 import smope

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import run
+from safetensors.torch import load_file
 from torch import nn
 
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
-
-from conftest import interrupted_at
-from safetensors.torch import load_file
-
-from smope.cli import main
 from smope.errors import SmopeError
-from smope.learners import SMoPELearner, TaskContext
+from smope.learners import TaskContext
 from smope.learners.alignment import VARIANCE_FLOOR, ClassStatistics, align_after_task, align_head
 from smope.runconfig import load_config
 from smope.schedule import lr_multipliers
@@ -155,14 +149,8 @@ def test_a_runs_alignment_follows_its_step_rule(steps):
     assert _CountingHead.calls == 4 * (3 if steps == "old_classes" else math.ceil(5 * 16 / 8))
 
 
-def test_full_covariance_run_resumes_with_identical_metrics(tmp_path, monkeypatch):
-    """Interrupted at task 3, the resumed run reads the class statistics of tasks 1 and 2 from their checkpoints."""
-    args = [TINY, "method.align_covariance=full"]
-    main(["run", *args, f"output_dir={tmp_path / 'whole'}"])
-    with interrupted_at(monkeypatch, SMoPELearner, 2), pytest.raises(SystemExit):
-        main(["run", *args, f"output_dir={tmp_path / 'cut'}"])
-    main(["run", *args, f"output_dir={tmp_path / 'cut'}"])
-    whole, cut = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("whole", "cut"))
-    assert whole["per_seed"] == cut["per_seed"]
-    stats = load_file(str(tmp_path / "cut" / "seed_0" / "task_001.safetensors"))
-    assert stats["class_stats.classes"].tolist() == [4, 5, 6] and stats["class_stats.cov"].shape[0] == 3
+def test_full_covariance_checkpoint_holds_the_tasks_own_class_statistics(tmp_path):
+    """Each task's checkpoint holds the statistics of its own classes, from which a resume rebuilds them (test_resume.py)."""
+    run(tmp_path / "run", "method.align_covariance=full", "train.epochs=1", "method.align_epochs=1")
+    stats = load_file(str(tmp_path / "run" / "seed_0" / "task_001.safetensors"))
+    assert stats["class_stats.classes"].tolist() == [4, 5, 6] and stats["class_stats.cov"].shape == (3, 64, 64)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, TINY, tiny_learner
 from torch.utils.data import TensorDataset
 
 from smope.backbones import create_backbone
 from smope.cli import main
 from smope.errors import SmopeError
-from smope.learners import TaskContext, create_learner
+from smope.learners import TaskContext
 from smope.learners.alignment import RELEASE_ALIGN_START, ClassStatistics, align_head
 from smope.learners.smope_learner import after_task_noise
 from smope.model import expert_usage, prompted_layers
@@ -20,8 +20,6 @@ from smope.runconfig import ModelConfig, load_config
 from smope.schedule import lr_multipliers
 from smope.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "configs" / "tiny.yaml")
 PAPER = ["cifar100_10tasks", "cub200_10tasks", "imagenet-r_5tasks", "imagenet-r_10tasks", "imagenet-r_20tasks"]
 
 
@@ -70,9 +68,6 @@ def test_lagged_alignment_takes_its_first_step_at_ten_times_its_rate(monkeypatch
             assert first == pytest.approx(1e-5) and rest[0] < 1e-5
 
 
-def tiny_smope(*overrides: str):
-    return create_learner(load_config(TINY, ["train.device=cpu", "train.progress=false", *overrides]), 10)
-
 
 def images(n: int) -> TensorDataset:
     return TensorDataset(torch.rand(n, 3, 16, 16), torch.arange(n) % 4)
@@ -80,7 +75,7 @@ def images(n: int) -> TensorDataset:
 
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_drop_last_also_drops_in_the_usage_pass(drop_last):
-    learner = tiny_smope(f"train.drop_last={str(drop_last).lower()}", "train.batch_size=32")
+    learner = tiny_learner(f"train.drop_last={str(drop_last).lower()}", "train.batch_size=32")
     assert len(learner.trainer.loader(images(70), 32, shuffle=True)) == (2 if drop_last else 3)
     assert len(learner.trainer.loader(images(70), 32, shuffle=False)) == 3  # evaluation batches are never dropped
     learner.usage_pass(TaskContext(task=0, classes=range(4), seen=range(4), train_data=images(70), seed=0))
@@ -89,13 +84,13 @@ def test_drop_last_also_drops_in_the_usage_pass(drop_last):
 
 
 def test_drop_last_that_leaves_no_batch_is_refused():
-    learner = tiny_smope("train.drop_last=true", "train.batch_size=32")
+    learner = tiny_learner("train.drop_last=true", "train.batch_size=32")
     with pytest.raises(SmopeError, match="train.drop_last leaves no batch"):
         learner.trainer.fit([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1}], images(10), 1, None, 0, "task 1")
 
 
 def test_after_task_passes_route_with_their_own_noise(monkeypatch):
-    learner = tiny_smope("method.eval_noise=0", "method.after_task_eval_noise=2.0", "method.align=false")
+    learner = tiny_learner("method.eval_noise=0", "method.after_task_eval_noise=2.0", "method.align=false")
     noise_in: list[float] = []
     real_features = Trainer.features_and_labels
 

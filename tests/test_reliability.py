@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fails
+from helpers import TINY, fails, read_metrics
 from PIL import Image
 
 from smope import backbones, cli
@@ -18,11 +18,7 @@ from smope.divergence import DivergenceGuard
 from smope.learners.smope_learner import SMoPELearner
 from smope.runconfig import load_config
 
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def logged_tasks(run_dir: Path) -> list[int]:
@@ -41,7 +37,7 @@ def recovered_run(tmp_path_factory) -> Path:
 
 
 def test_corrected_command_after_a_failed_start_runs_to_the_end(recovered_run):
-    assert metrics(recovered_run)["num_tasks"] == 3
+    assert read_metrics(recovered_run)["num_tasks"] == 3
     assert load_config(recovered_run / "config.yaml").data.name == "digits"
     assert logged_tasks(recovered_run) == [0, 1, 2]
 
@@ -56,7 +52,7 @@ def test_broken_chain_is_refused_by_eval_and_recomputed_by_run(recovered_run, tm
     printed = capsys.readouterr().out
     assert "task_001.safetensors is missing; recomputing from task 2" in printed
     assert "task 2/3" in printed and "task 3/3" in printed  # both later tasks are trained again
-    assert metrics(out) == metrics(recovered_run)
+    assert read_metrics(out) == read_metrics(recovered_run)
     assert logged_tasks(out) == [0, 1, 2]
     cli.main(["eval", str(out)])  # the chain is whole again
 

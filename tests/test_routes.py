@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import TINY
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -15,13 +16,12 @@ from smope import cli
 from smope.errors import SmopeError
 from smope.predict import image_batches, load_trained_run, predict
 
-TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_config(tmp_path: Path, **method) -> Path:
+def two_task_config(tmp_path: Path, **method) -> Path:
     """configs/tiny.yaml as two short tasks, with ``method`` replacing its method section when given."""
-    config = yaml.safe_load(TINY.read_text())
+    config = yaml.safe_load(Path(TINY).read_text())
     config["data"]["num_tasks"] = 2
     config["train"]["epochs"] = 2
     config["method"].update(align_epochs=2)
@@ -36,7 +36,7 @@ def tiny_config(tmp_path: Path, **method) -> Path:
 def two_task_run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("routes")
     out = folder / "run"
-    cli.main(["run", str(tiny_config(folder)), f"output_dir={out}"])
+    cli.main(["run", str(two_task_config(folder)), f"output_dir={out}"])
     return out
 
 
@@ -129,7 +129,7 @@ def test_terminal_table_has_one_row_per_image(two_task_run, digits, capsys):
 
 def test_routes_of_a_gateless_method_is_one_line_and_exit_2(tmp_path, digits, capsys):
     out = tmp_path / "run"
-    cli.main(["run", str(tiny_config(tmp_path, name="prototype")), f"output_dir={out}"])
+    cli.main(["run", str(two_task_config(tmp_path, name="prototype")), f"output_dir={out}"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["predict", str(out), str(digits[0]), "--routes"])

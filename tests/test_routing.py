@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_timm_vit
+from helpers import tiny_timm_vit
 
 import smope
 from smope.routing import RoutingTracker, normalised_entropy, set_codes, task_overlap

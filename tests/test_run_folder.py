@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import fails
+from helpers import ROOT, TINY, fails
 from PIL import Image
 
 import smope
@@ -26,8 +26,6 @@ from smope.runconfig import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = str(REPO / "configs" / "tiny.yaml")
 QUICK = ("train.epochs=1", "method.align_epochs=1")  # a tiny run in seconds: what is tested is the folder, not the accuracy
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(smope.__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}  # this smope
 
@@ -287,7 +285,7 @@ def test_empty_model_kwargs_clears_the_files_kwargs():
 
 
 def test_dry_run_download_hint_only_when_download_is_off(tmp_path, capsys):
-    config = str(REPO / "configs" / "cifar100_10tasks.yaml")
+    config = str(ROOT / "configs" / "cifar100_10tasks.yaml")
     hint = "(or set data.download=true)"
     cli.main(["run", config, "--dry-run", f"data.root={tmp_path}"])  # the config sets data.download=true
     printed = capsys.readouterr().out

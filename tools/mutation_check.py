@@ -42,13 +42,14 @@ CORE = ["tests/test_core.py"]
 PROJECTIONS = ["tests/test_projections.py"]
 METRICS = ["tests/test_metrics.py"]
 RESUME = ["tests/test_resume.py"]
+SLCA = ["tests/test_slca.py"]
 LAYER, LEARNER, ALIGN, BASE = "smope/layer.py", "smope/learners/smope_learner.py", "smope/learners/alignment.py", "smope/learners/base.py"
 VIT = "smope/vit.py"
 
 MUTATIONS = [
     # Core: the prompted attention and its routing
-    Mutation("core: prompt logits unscaled", LAYER, "F.pad(logits * self.scale,", "F.pad(logits,", CORE),
-    Mutation("core: route on the first token, not the mean", LAYER, "q.mean(dim=2), self.experts.keys", "q[:, :, 0], self.experts.keys", CORE),
+    Mutation("core: prompt logits unscaled", LAYER, "F.pad((logits * self.scale).unsqueeze(2)", "F.pad(logits.unsqueeze(2)", CORE),
+    Mutation("core: route on the first token, not the mean", LAYER, "q.float().mean(dim=2), self.experts.keys", "q.float()[:, :, 0], self.experts.keys", CORE),
     Mutation("core: router loss without its margin", LAYER, "(scores + self.noise_eps * spread * inactive)", "(scores)", CORE),
     Mutation("core: usage from the lowest scores", LAYER, "self.last_scores.topk(self.top_k, dim=-1).indices", "self.last_scores.topk(self.top_k, dim=-1, largest=False).indices", METHOD),
     Mutation("core: usage from the noisy selection", LAYER, "self.experts.add_usage(self.last_scores.topk(self.top_k, dim=-1).indices)", "self.experts.add_usage(self.last_selected)", METHOD),
@@ -75,16 +76,19 @@ MUTATIONS = [
     Mutation("alignment: run despite align=false", LEARNER, "if ctx.task > 0 and method.align:", "if ctx.task > 0:", METHOD),
     Mutation("alignment: sample variance (ddof=1)", ALIGN, "rows.var(0, unbiased=False)", "rows.var(0)", METHOD),
     Mutation("alignment: samples scaled by the variance, not the std", ALIGN, "(self.var[labels] + VARIANCE_FLOOR).sqrt()", "(self.var[labels] + VARIANCE_FLOOR)", METHOD),
-    Mutation("alignment: head never stepped", ALIGN, "trainer.optimize(groups, optimizer, multipliers, epochs,", "trainer.optimize(groups, optimizer, multipliers, 0,", METHOD),
+    Mutation("alignment: head never stepped", ALIGN, "trainer.optimize(groups, optimizer(groups, weight_decay), multipliers, epochs,", "trainer.optimize(groups, optimizer(groups, weight_decay), multipliers, 0,", METHOD),
     # Metrics
     Mutation("metrics: forgetting from A[j][j]", "smope/metrics.py", "max(matrix[t][j] for t in range(j, last))", "matrix[j][j]", METRICS),
     Mutation("metrics: forgetting includes the last row", "smope/metrics.py", "for t in range(j, last))", "for t in range(j, last + 1))", METRICS),
     # Checkpointing and resume
-    Mutation("resume: prompt pools not checkpointed", BASE, "if n in trainable}", 'if n in trainable and not n.startswith("pool.")}', RESUME, ["-k", "resumes and (l2p or dualprompt or coda)"]),
-    Mutation("resume: LoRA matrices not checkpointed", BASE, "if n in trainable}", 'if n in trainable and "lora_" not in n}', RESUME, ["-k", "resumes and lora"]),
+    Mutation("resume: prompt pools not checkpointed", BASE, "if n in trainable}", 'if n in trainable and not n.startswith("pool.")}', RESUME, ["-k", "uninterrupted and (l2p or dualprompt or coda)"]),
+    Mutation("resume: LoRA matrices not checkpointed", BASE, "if n in trainable}", 'if n in trainable and "lora_" not in n}', RESUME, ["-k", "uninterrupted and lora"]),
     Mutation("resume: missing entries accepted", BASE, "        self.check_state(state)\n        self.model.load_state_dict", "        self.model.load_state_dict", RESUME, ["-k", "missing"]),
     Mutation("checkpoint: usage counts not saved", "smope/model.py", 'if ".experts." in f".{name}"', 'if ".experts.keys" in f".{name}" or ".experts.values" in f".{name}"', CORE),
-    Mutation("checkpoint: class statistics not saved", LEARNER, "**self.stats.state_dict(), **ridge}", "**ridge}", ["tests/test_experiment.py"], ["-k", "resumes"]),
+    Mutation("checkpoint: class statistics not saved", LEARNER, "**self.stats.state_dict(), **ridge}", "**ridge}", RESUME, ["-k", "uninterrupted and smope"]),
+    # The run loop's steps for each task
+    Mutation("run loop: after-task step (usage pass) skipped", "smope/experiment.py", "            with self.routing.training_pass():\n                self.learner.after_task(ctx)\n", "", ["tests/test_experiment.py"], ["-k", "every_output"]),
+    Mutation("run loop: task checkpoint not written", "smope/experiment.py", "                self.save_task(task, rows, time.time() - started)", "                pass", RESUME, ["-k", "uninterrupted and lora"]),
     # Projections around the attention
     Mutation("projection: q/k norms skipped", VIT, "return module.q_norm(q), module.k_norm(k), v", "return q, k, v", PROJECTIONS),
     Mutation("projection: output norm skipped", VIT, "out = module.norm(context", "out = (context", PROJECTIONS),
@@ -95,12 +99,14 @@ MUTATIONS = [
     # Method keys and the ridge head's checkpoints
     Mutation("config: unread method keys accepted", "smope/runconfig.py", "        if unread:\n            raise _unread_keys_error", "        if False:\n            raise _unread_keys_error", ["tests/test_runconfig.py"]),
     Mutation("config: a switched file's unread keys kept", "smope/runconfig.py", "        setattr(config.method, key, getattr(default, key))", "        pass", ["tests/test_runconfig.py"]),
-    Mutation("ridge: restored features never added to G", "smope/learners/ridge.py", "        for earlier in self.pending:", "        for earlier in []:", ["tests/test_analytic_baselines.py"], ["-k", "ridge_checkpoints"]),
+    Mutation("config: method.lora_r not checked", "smope/runconfig.py", '    positive["method.lora_r"] = config.method.lora_r\n', "", ["tests/test_reliability.py"], ["-k", "cannot_honour"]),
+    Mutation("config: a per-task pool smaller than the tasks accepted", "smope/runconfig.py", "    if size < tasks:", "    if False:", ["tests/test_baselines.py"], ["-k", "bad_pool_settings"]),
+    Mutation("ridge: restored features never added to G", "smope/learners/ridge.py", "        for earlier in self.pending:", "        for earlier in []:", ["tests/test_ridge_head.py"], ["-k", "ridge_checkpoints"]),
     # Class order (the rule is Python's random.shuffle seeded by the run's seed)
-    Mutation("slca: logits not normalised in the alignment", "smope/learners/slca.py", "        if logit_norm > 0:", "        if False:", ["tests/test_analytic_baselines.py"], ["-k", "releases_step"]),
-    Mutation("slca: older class means not scaled", "smope/learners/slca.py", "features = features + (scale[labels] - 1).unsqueeze(1) * stats.mean[labels]", "features = features", ["tests/test_analytic_baselines.py"], ["-k", "releases_step"]),
-    Mutation("slca: a zero backbone rate still trains the backbone", "smope/learners/slca.py", "if config.method.slca_backbone_lr == 0:", "if False:", ["tests/test_analytic_baselines.py"], ["-k", "zero_backbone"]),
-    Mutation("aligned-head: alignment skipped", "smope/learners/frozen_backbone.py", "if ctx.task > 0 and self.config.method.align:", "if False:", ["tests/test_analytic_baselines.py"], ["-k", "aligned_head_is"]),
+    Mutation("slca: logits not normalised in the alignment", "smope/learners/slca.py", "        if logit_norm > 0:", "        if False:", SLCA, ["-k", "releases_step"]),
+    Mutation("slca: older class means not scaled", "smope/learners/slca.py", "features = features + (scale[labels] - 1).unsqueeze(1) * stats.mean[labels]", "features = features", SLCA, ["-k", "releases_step"]),
+    Mutation("slca: a zero backbone rate still trains the backbone", "smope/learners/slca.py", "if config.method.slca_backbone_lr == 0:", "if False:", SLCA, ["-k", "zero_backbone"]),
+    Mutation("aligned-head: alignment skipped", "smope/learners/frozen_backbone.py", "if ctx.task > 0 and self.config.method.align:", "if False:", ["tests/test_baselines.py"], ["-k", "aligned_head_is"]),
     Mutation("schedule: step rule ignores its milestones", "smope/schedule.py", "return 0.1 ** sum(epoch >= milestone for milestone in milestones)", "return 1.0", ["tests/test_protocol.py"], ["-k", "step_is"]),
     Mutation("class order: another seed", "smope/data/scenario.py", "random.Random(seed).shuffle(order)", "random.Random(seed + 1).shuffle(order)", ["tests/test_class_order.py"]),
 ]
