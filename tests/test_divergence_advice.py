@@ -1,27 +1,14 @@
 """The divergence advice names the config key of each parameter group's learning rate, as the learner built it."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import fails
+from helpers import TINY, TINY_SCALE, fails, method_overrides
 
 from smope import cli
 from smope.divergence import DivergenceGuard
 from smope.methods import METHODS
 from smope.runconfig import load_config
 from smope.trainer import Trainer
-
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
-# What makes each method build on the tiny 2-block ViT (the published prompt blocks and lengths do not fit it).
-FITS_TINY = {
-    "l2p": ["method.prompt_length=4"],
-    "dualprompt": ["method.prompt_length=4", "method.g_prompt_length=2", "method.g_prompt_layers=[0]", "method.prompt_layers=[1]"],
-    "coda-prompt": ["method.prompt_layers=[0, 1]"],
-    "vq-prompt": ["method.prompt_layers=[0, 1]"],
-    "hide-prompt": ["method.prompt_layers=[0, 1]", "method.prompt_length=4", "method.hide_tii_epochs=1", "method.hide_align_epochs=1"],
-    "norga": ["method.prompt_layers=[0, 1]", "method.prompt_length=4", "method.hide_tii_epochs=1", "method.hide_align_epochs=1"],
-}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +40,7 @@ def test_a_group_naming_no_config_key_fails_when_the_guard_is_built():
 @pytest.mark.parametrize("method", [spec.name for spec in METHODS])
 def test_every_learner_names_the_key_of_each_groups_rate(method, tmp_path, monkeypatch):
     """Each phase's groups carry ``lr_key``, and their rate is that key's value (x train.prompt_lr_scale for prompts)."""
-    overrides = [f"method.name={method}", "train.epochs=1", *FITS_TINY.get(method, [])]
+    overrides = method_overrides(method, "train.epochs=1")
     config = load_config(TINY, overrides)
     seen: dict[str, list[dict]] = {}
 
@@ -73,7 +60,7 @@ def test_every_learner_names_the_key_of_each_groups_rate(method, tmp_path, monke
 
 def test_a_diverging_task_identity_head_names_its_own_rate(tmp_path, capsys):
     out = tmp_path / "run"
-    message = fails(capsys, "run", TINY, f"output_dir={out}", "method.name=hide-prompt", *FITS_TINY["hide-prompt"], "method.hide_tii_epochs=3", "method.hide_tii_lr=1e6")
+    message = fails(capsys, "run", TINY, f"output_dir={out}", "method.name=hide-prompt", *TINY_SCALE["hide-prompt"], "method.hide_tii_epochs=3", "method.hide_tii_lr=1e6")
     assert "in 'task 1 identity'" in message and "Lower method.hide_tii_lr (now 1e+06)" in message and "train.lr" not in message
 
 
