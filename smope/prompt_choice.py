@@ -102,12 +102,19 @@ def prompt_choice_markdown(choice: dict) -> list[str]:
         "",
         f"Share of each test task's images (rows) that chose each task's prompt (columns), %, seed {seed['seed']}, after the last task:",
         "",
-        "| test task | " + " | ".join(f"prompt {t}" for t in tasks) + " |",
-        "|---|" + "---|" * len(counts),
-        *(f"| {t} | " + " | ".join(f"{v:.1f}" for v in row) + " |" for t, row in zip(tasks, shares)),
-        "",
+        *per_task_table([f"prompt {t}" for t in tasks], [[f"{v:.1f}" for v in row] for row in shares]),
     ]
     return lines
+
+
+def per_task_table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table with one row per test task (numbered from 1) under ``columns``, and a blank line."""
+    return [
+        "| test task | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+        *(f"| {t} | " + " | ".join(row) + " |" for t, row in enumerate(rows, 1)),
+        "",
+    ]
 
 
 @torch.no_grad()
@@ -160,9 +167,6 @@ def pool_choice_markdown(choices: dict, seed: int) -> list[str]:
         "",
         f"Pool prompts chosen by each test task's images (of {len(choices['counts'][0][0])} per block), seed {seed}, last checkpoint:",
         "",
-        "| test task | " + " | ".join(f"block {b}" for b in blocks) + " |",
-        "|---|" + "---|" * len(blocks),
-        *(f"| {t + 1} | " + " | ".join(str(sum(1 for n in row if n)) for row in rows) + " |" for t, rows in enumerate(choices["counts"])),
-        "",
+        *per_task_table([f"block {b}" for b in blocks], [[str(sum(1 for n in row if n)) for row in rows] for rows in choices["counts"]]),
     ]
 
