@@ -104,7 +104,7 @@ MUTATIONS = [
     Mutation("ridge: restored features never added to G", "smope/learners/ridge.py", "        for earlier in self.pending:", "        for earlier in []:", ["tests/test_ridge_head.py"], ["-k", "ridge_checkpoints"]),
     # Class order (the rule is Python's random.shuffle seeded by the run's seed)
     Mutation("slca: logits not normalised in the alignment", "smope/learners/slca.py", "        if logit_norm > 0:", "        if False:", SLCA, ["-k", "releases_step"]),
-    Mutation("slca: older class means not scaled", "smope/learners/slca.py", "features = features + (scale[labels] - 1).unsqueeze(1) * stats.mean[labels]", "features = features", SLCA, ["-k", "releases_step"]),
+    Mutation("slca: older class means not scaled", "smope/learners/slca.py", "return features + (scale[labels] - 1).unsqueeze(1) * stats.mean[labels]", "return features", SLCA, ["-k", "releases_step"]),
     Mutation("slca: a zero backbone rate still trains the backbone", "smope/learners/slca.py", "if config.method.slca_backbone_lr == 0:", "if False:", SLCA, ["-k", "zero_backbone"]),
     Mutation("aligned-head: alignment skipped", "smope/learners/frozen_backbone.py", "if ctx.task > 0 and self.config.method.align:", "if False:", ["tests/test_baselines.py"], ["-k", "aligned_head_is"]),
     Mutation("schedule: step rule ignores its milestones", "smope/schedule.py", "return 0.1 ** sum(epoch >= milestone for milestone in milestones)", "return 1.0", ["tests/test_protocol.py"], ["-k", "step_is"]),
