@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from dataclasses import dataclass
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 

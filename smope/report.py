@@ -488,7 +488,10 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
     if results.get("prompt_choice") is not None:
         text += "\n" + "\n".join(prompt_choice_markdown(results["prompt_choice"]))
     if spec_for(results["method"]).name == "vq-prompt":
-        text += "\n" + "\n".join(pool_choice_markdown(pool_prompt_choices(run_dir, seed), seed))
+        try:
+            text += "\n" + "\n".join(pool_choice_markdown(pool_prompt_choices(run_dir, seed), seed))
+        except SmopeError as exc:  # like the stability section: the rest of the report stands
+            text += f"\n## Pool prompt choice\n\npool prompt choice not shown: it cannot be counted from this run's checkpoints ({exc}).\n"
     summary = out / "summary.md"
     summary.write_text(text)
     return [*plots, summary]

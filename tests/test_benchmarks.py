@@ -84,6 +84,9 @@ def test_prompt_choice_counts_every_test_image_once_per_block(tmp_path, finished
     summary = write_report(out)[-1].read_text()  # smope report shows the same counts
     used = [sum(1 for n in row if n) for row in choices["counts"][0]]
     assert "## Pool prompt choice" in summary and f"| 1 | {used[0]} | {used[1]} |" in summary
+    for checkpoint in (out / "seed_0").glob("task_*.safetensors"):
+        checkpoint.unlink()
+    assert "pool prompt choice not shown: it cannot be counted from this run's checkpoints" in write_report(out)[-1].read_text()
     with pytest.raises(SmopeError, match="is a smope run: its learner does not snap to pool prompts"):
         prompt_choice.main([str(finished_run)])
 
