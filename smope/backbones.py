@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from .errors import ConfigAdviceError, SmopeError
-from .methods import spec_for
 from .runconfig import ModelConfig, RunConfig
 from .vit import check_layers, find_attention_blocks
 
@@ -114,8 +113,7 @@ def architecture_blocks(config: ModelConfig) -> int:
 def check_block_settings(config: RunConfig) -> None:
     """The block indices the chosen method reads (``method.layers``, ``prompt_layers``, ``g_prompt_layers``),
     checked against the backbone before any data or weights load, so ``--dry-run`` refuses them too."""
-    reads = spec_for(config.method.name).reads
-    keys = [key for key in BLOCK_KEYS if key in reads and getattr(config.method, key) is not None]
+    keys = [key for key in BLOCK_KEYS if key in config.method.keys()]
     if keys:
         blocks = architecture_blocks(config.model)
         for key in keys:

@@ -24,24 +24,19 @@ from typing import Any
 
 import yaml
 
-from .errors import InvalidSettingError, SmopeError
-from .methods import readers_of, spec_for, unread_method_keys
-from .settings import PromptExpertSettings
+from .errors import SmopeError
+from .methods import NULL_MEANS_DEFAULT, MethodSettings, SMoPESettings, defaults_of, every_method_key, field_default, readers_of, spec_for
+from .settings import at_least, above, one_of
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 PARALLEL_MODES = ("data", "seeds")
 SCHEDULES = ("cosine", "epoch_cosine", "step")
-ALIGN_COVARIANCES = ("diag", "full")
-ALIGN_STEPS = ("old_classes", "all_samples")
 NORMALIZE_CHOICES = ("backbone", "none")
 INTERPOLATION_CHOICES = ("bicubic", "bilinear")
 SPLIT_CHOICES = ("fixed", "random")
 PIPELINES = ("cpu", "gpu")
-HEADS = ("linear", "ridge")
 HEAD_INITS = ("timm", "torch")
-HIDE_STATISTICS = ("centroids", "full", "diag")  # hide-prompt / norga: k-means centroids with variances, covariance, variance
-NORGA_GATES = ("sigmoid", "tanh", "relu", "gelu", "softplus", "elu")  # the release's --gate_act choices
 
 
 @dataclass
@@ -133,151 +128,6 @@ class ModelConfig:
 
 
 @dataclass
-class MethodConfig(PromptExpertSettings):
-    """``method.*``: which learner, its prompt-expert settings (:class:`~smope.settings.PromptExpertSettings`) and the rest.
-
-    Each learner reads only some of these keys (:mod:`smope.methods`); setting one it does not
-    read is an error. The baselines' defaults are their releases' (``smope/learners/`` cites each).
-    """
-
-    name: str = field(default="smope", metadata={"help": "the learner: `smope` or a baseline ([baselines.md](baselines.md))"})
-    after_task_eval_noise: float | None = field(
-        default=None,
-        metadata={
-            "help": "`method.eval_noise` of the two after-task passes (usage counts, class statistics); null = `method.eval_noise`. The release runs "
-            "them at 2.0 (the paper configs) and its reported test evaluation at 0 ([which pass uses which](method.md#after-task-passes))"
-        },
-    )
-    warmup_epochs: int | None = field(default=None, metadata={"help": "dense warm-up epochs on the first task; null = half of `train.epochs`"})
-    align: bool = field(
-        default=True, metadata={"help": "classifier alignment on sampled class features after each task from the second on (for `slca`: its own alignment, `method.slca_*`)"}
-    )
-    align_epochs: int = field(default=50, metadata={"help": "epochs of classifier alignment"})
-    align_lr: float = field(default=1e-5, metadata={"help": "learning rate of classifier alignment"})
-    align_samples_per_class: int = field(
-        default=256, metadata={"help": "features sampled per class for classifier alignment (`slca`: for its own alignment too)"}
-    )
-    align_covariance: str = field(
-        default="diag",
-        metadata={
-            "help": "class statistics the sampled features come from: `diag` (mean and per-dimension variance) or `full` (mean and covariance: "
-            "classes that differ along correlated directions stay apart)"
-        },
-    )
-    align_steps: str = field(
-        default="old_classes",
-        metadata={
-            "help": "iterations of one alignment epoch: `old_classes` (the authors' rule) = as many as there are classes from earlier tasks, each on "
-            "one batch of `align_samples_per_class` sampled features; `all_samples` = one pass over every sampled feature in batches of `train.batch_size`"
-        },
-    )
-    pool_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "prompts in the pool; null = the method's published size: L2P++ 30, DualPrompt 10 E-prompts (one per task), CODA-Prompt 100 "
-            "components, VQ-Prompt, HiDe-Prompt and NoRGa 10"
-        },
-    )
-    prompt_length: int | None = field(
-        default=None,
-        metadata={
-            "help": "prefix length of one prompt, split into half keys and half values; null = published: L2P++ 20, DualPrompt E 20, CODA-Prompt "
-            "and VQ-Prompt 8, HiDe-Prompt and NoRGa 10"
-        },
-    )
-    prompt_layers: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "blocks that receive the pool's prompts; null = published: L2P++ [0], DualPrompt E-prompts [2, 3, 4], CODA-Prompt, VQ-Prompt, "
-            "HiDe-Prompt and NoRGa [0, 1, 2, 3, 4]"
-        },
-    )
-    pool_top_k: int | None = field(default=None, metadata={"help": "prompts L2P++ selects per input; null = 5"})
-    g_prompt_length: int | None = field(default=None, metadata={"help": "prefix length of DualPrompt's task-shared G-prompt; null = 6"})
-    g_prompt_layers: list[int] | None = field(default=None, metadata={"help": "blocks of DualPrompt's G-prompt; null = [0, 1]"})
-    ortho_weight: float | None = field(
-        default=None, metadata={"help": "weight of CODA-Prompt's orthogonality penalty on keys, attention vectors and components; null = 0.1"}
-    )
-    vq_temperature: float | None = field(
-        default=None,
-        metadata={"help": "softmax temperature of VQ-Prompt's prompt weights; null = 1 (5 on CUB-200; [baselines.md](baselines.md#vq-prompt))"},
-    )
-    vq_loss_weight: float | None = field(default=None, metadata={"help": "weight of VQ-Prompt's quantisation loss; null = 0.4"})
-    vq_commit_weight: float | None = field(default=None, metadata={"help": "weight of VQ-Prompt's commitment loss; null = 0.1"})
-    lora_r: int = field(default=8, metadata={"help": "rank of the LoRA matrices on the attention qkv projections"})
-    lora_alpha: int = field(default=16, metadata={"help": "scaling alpha of the LoRA matrices"})
-    lora_lr: float = field(
-        default=5e-4,
-        metadata={
-            "help": "learning rate of the LoRA matrices (the head keeps `train.lr`); `train.lr` itself (5e-3) made sequential LoRA collapse to one "
-            "predicted class on the CPU benchmarks"
-        },
-    )
-    head: str = field(
-        default="linear",
-        metadata={
-            "help": "classifier of the prompt learners: `linear` (gradient-trained, with classifier alignment) or `ridge` (RanPAC's random-projection "
-            "ridge head, solved after each task from the task's final prompted features; no alignment). `ranpac` always uses ridge"
-        },
-    )
-    rp_dim: int = field(
-        default=10000,
-        metadata={
-            "help": "width M of the ridge head's random projection (RanPAC: 10000; the prompt learners read it with `method.head=ridge`); memory "
-            "M x M for the Gram matrix"
-        },
-    )
-    first_task_adapt: bool = field(
-        default=True, metadata={"help": "train SMoPE's prompt in dense mode on the first task, then freeze it; false = frozen backbone features"}
-    )
-    slca_backbone_lr: float = field(
-        default=1e-4,
-        metadata={
-            "help": "learning rate of the whole backbone, SLCA's \"slow learner\" (its published 1e-4; its optimizer is SGD with momentum, so "
-            "`train.lr`, set for SMoPE's AdamW, does not apply). 0 freezes the backbone: a linear head with classifier alignment only (the "
-            "ablation without the slow learner)"
-        },
-    )
-    slca_head_lr: float = field(default=1e-2, metadata={"help": "learning rate of SLCA's head (SGD; its published 1e-2), also in its classifier alignment"})
-    slca_align_epochs: int = field(
-        default=5,
-        metadata={
-            "help": "epochs of SLCA's own classifier alignment (its published 5; SGD at `slca_head_lr`, full covariance, "
-            "`method.align_samples_per_class` features per class, one batch per seen class); `method.align` turns it off"
-        },
-    )
-    slca_logit_norm: float = field(
-        default=0.1, metadata={"help": "logit-normalisation temperature of SLCA's classifier alignment (its published 0.1; 0: no normalisation)"}
-    )
-    hide_tii_epochs: int = field(default=20, metadata={"help": "epochs per task of the task-identity head (an MLP on the frozen class token)"})
-    hide_tii_lr: float = field(default=5e-4, metadata={"help": "learning rate of the task-identity head"})
-    hide_align_epochs: int = field(
-        default=30,
-        metadata={"help": "epochs of the realignment of both heads on Gaussian pseudo-features after each task from the second (0: none)"},
-    )
-    hide_align_lr: float = field(default=0.005, metadata={"help": "learning rate of the realignment of both heads"})
-    hide_statistics: str | None = field(
-        default=None,
-        metadata={
-            "help": "class statistics: `centroids` (k-means centroids with per-cluster variances), `full` (covariance) or `diag`; null = the "
-            "method's published one (`hide-prompt` centroids, `norga` full)"
-        },
-    )
-    hide_centroids: int = field(default=10, metadata={"help": "k-means centroids per class (`centroids` statistics)"})
-    hide_prompt_momentum: float = field(default=0.01, metadata={"help": "momentum of each task's E-prompt towards the mean of the earlier ones"})
-    hide_contrastive_weight: float = field(
-        default=0.1, metadata={"help": "weight of the contrastive regulariser against the stored class means (0.1 CIFAR-100, 0.5 ImageNet-R)"}
-    )
-    norga_gate: str = field(
-        default="sigmoid",
-        metadata={
-            "help": "the non-linear residual gate g in s + alpha g(tau s) on the prefix-key scores: `sigmoid` (the released scripts'), `tanh`, "
-            "`relu`, `gelu`, `softplus` or `elu`"
-        },
-    )
-
-
-@dataclass
 class TrainConfig:
     epochs: int = field(default=20, metadata={"help": "training epochs per task"})
     batch_size: int = field(default=128, metadata={"help": "training batch; under torchrun the global batch, split over the processes"})
@@ -357,11 +207,11 @@ class TrainConfig:
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the dataset, its split into tasks, and how images are loaded"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the backbone and its fresh classifier head"})
-    method: MethodConfig = field(
-        default_factory=MethodConfig,
+    method: MethodSettings = field(
+        default_factory=SMoPESettings,
         metadata={
-            "help": "the learner and its settings. Each learner reads only some of these keys (the *read by* column); setting one that the "
-            "chosen method does not read is an error"
+            "help": "the learner and its settings (`smope/methods.py`: one settings class per learner). Each learner reads only some of these "
+            "keys (the *read by* column); setting one that the chosen method does not read is an error"
         },
     )
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimisation, schedule, precision, devices and logging"})
@@ -475,10 +325,21 @@ def _read_yaml(path: Path) -> dict:
     return values
 
 
-def _changed_method_keys(config: RunConfig) -> set[str]:
-    """The ``method.*`` keys whose value differs from the default."""
-    default = MethodConfig()
-    return {f.name for f in dataclasses.fields(MethodConfig) if getattr(config.method, f.name) != getattr(default, f.name)}
+def _method_section(values: dict) -> dict:
+    """Take the ``method`` section out of a config mapping: its keys are read once ``method.name`` is known."""
+    section = values.pop("method", {})
+    if not isinstance(section, dict):
+        raise SmopeError("config key 'method' is a section: give it keys, e.g. method.name=...")
+    return section
+
+
+def _defaulted_keys(section: dict) -> set[str]:
+    """Keys of a file's ``method`` section that set nothing: null, or a value some method has as its default.
+
+    Files that spell out every key (run folders written before config.yaml held only acting
+    keys) then still load for the method they name.
+    """
+    return {key for key, value in section.items() if value is None or value in defaults_of(key)}
 
 
 def _unread_keys_error(method: str, keys: list[str]) -> SmopeError:
@@ -490,51 +351,79 @@ def _unread_keys_error(method: str, keys: list[str]) -> SmopeError:
     )
 
 
+def build_method(section: dict, refuse_unread: set[str] | frozenset[str] = frozenset()) -> MethodSettings:
+    """The settings of ``section["name"]`` (default ``smope``) from a ``method`` section's raw values.
+
+    Values are type-checked against the method's settings class and range-checked by it. A key
+    no method reads is an error (with a did-you-mean); one this method does not read is an error
+    when it is in ``refuse_unread``, and dropped otherwise. Null for a key of
+    :data:`~smope.methods.NULL_MEANS_DEFAULT` is the method's default. Fields that change nothing
+    given the others (:meth:`~smope.methods.MethodSettings.inactive_keys`) are reset to their defaults.
+    """
+    name = _coerce("method.name", section.get("name", "smope"), str)
+    settings = spec_for(name).settings
+    hints = typing.get_type_hints(settings)
+    values, unread = {}, []
+    for key, value in section.items():
+        if key == "name":
+            continue
+        if key not in hints:
+            known = every_method_key()
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean 'method.{close[0]}'?" if close else f"; valid keys here: {', '.join('method.' + k for k in known)}"
+                raise SmopeError(f"unknown config key 'method.{key}'{hint}")
+            if key in refuse_unread:
+                unread.append(key)
+            continue
+        if value is None and key in NULL_MEANS_DEFAULT:
+            continue
+        values[key] = _coerce(f"method.{key}", value, hints[key])
+    if unread:
+        raise _unread_keys_error(name, sorted(unread))
+    method = settings(name=name, **values)
+    for key in method.inactive_keys():
+        setattr(method, key, field_default(settings, key))
+    return method
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), strict: bool = True) -> RunConfig:
     """Defaults, then the YAML file (if any), then each ``key=value`` override in order.
 
-    A ``method.*`` key the chosen method does not read (:mod:`smope.methods`) is an error when
-    an override sets it, or when the file sets it to a non-default value and the file's own
-    ``method.name`` is the chosen one. An override that switches ``method.name`` takes the file
-    as a setting for another method: its keys the new method does not read do not apply. Unread
-    keys are reset to their defaults either way, so the resolved config (and the saved
-    config.yaml) holds only settings that act. ``strict=False`` (reading a run's saved config)
-    only resets them.
+    The ``method`` section is built last, as the settings of the chosen ``method.name``
+    (:mod:`smope.methods`). A ``method.*`` key the chosen method does not read is an error when
+    an override sets it, or when the file sets it to a value no method has as its default and
+    the file's own ``method.name`` is the chosen one. An override that switches ``method.name``
+    takes the file as a setting for another method: its keys the new method does not read do not
+    apply. The resolved config (and the saved config.yaml) holds only settings that act.
+    ``strict=False`` (reading a run's saved config) drops unread keys without an error.
     """
     config = RunConfig()
+    section: dict = {}
     file_keys: set[str] = set()
     if path is not None:
-        path = Path(path)
-        _apply(config, _read_yaml(path))
-        file_keys = _changed_method_keys(config)
-    file_method = config.method.name
+        values = _read_yaml(Path(path))
+        file_section = _method_section(values)
+        _apply(config, values)
+        section.update(file_section)
+        file_keys = set(file_section) - _defaulted_keys(file_section)
+    file_method = section.get("name", "smope")
     override_keys: set[str] = set()
     for text in overrides:
         nested = parse_override(text)
+        overridden = _method_section(nested)
         _apply(config, nested)
-        if isinstance(nested.get("method"), dict):
-            override_keys |= set(nested["method"])
-    method = config.method.name
-    spec_for(method)  # an unknown method.name fails here, before any work
-    if strict:
-        unread = unread_method_keys(method, override_keys | (file_keys if file_method == method else set()))
-        if unread:
-            raise _unread_keys_error(method, unread)
-    default = MethodConfig()
-    for key in inactive_method_keys(config):
-        setattr(config.method, key, getattr(default, key))
+        section.update(overridden)
+        override_keys |= set(overridden)
+    refuse = override_keys | (file_keys if section.get("name", "smope") == file_method else set())
+    config.method = build_method(section, refuse if strict else frozenset())
     validate(config)
     return config
 
 
 def inactive_method_keys(config: RunConfig) -> set[str]:
-    """The ``method.*`` keys that change nothing in ``config``: those its method does not read, and
-    ``rp_dim`` of a prompt learner whose head is not the ridge head."""
-    method = config.method.name
-    keys = set(unread_method_keys(method, [f.name for f in dataclasses.fields(MethodConfig)]))
-    if "head" in spec_for(method).reads and config.method.head != "ridge":
-        keys.add("rp_dim")
-    return keys
+    """The ``method.*`` settings that change nothing in ``config`` (:meth:`~smope.methods.MethodSettings.inactive_keys`)."""
+    return config.method.inactive_keys()
 
 
 def acting_dict(config: RunConfig) -> dict[str, Any]:
@@ -546,81 +435,46 @@ def acting_dict(config: RunConfig) -> dict[str, Any]:
 
 
 def validate(config: RunConfig) -> None:
-    """Range checks that need more than a type."""
+    """Range checks that need more than a type, and the method's checks against the rest of the run.
+
+    The ``method`` section checks itself when it is built (:meth:`~smope.methods.MethodSettings.check`).
+    """
     positive = {
         "data.num_tasks": config.data.num_tasks,
         "train.epochs": config.train.epochs,
         "train.batch_size": config.train.batch_size,
         "train.eval_batch_size": config.train.eval_batch_size,
+        "train.sync_every": config.train.sync_every,
+        "data.prefetch": config.data.prefetch,
     }
-    if config.data.train_per_class is not None:
-        positive["data.train_per_class"] = config.data.train_per_class
-    if config.data.test_per_class is not None:
-        positive["data.test_per_class"] = config.data.test_per_class
-    positive["method.align_samples_per_class"] = config.method.align_samples_per_class
-    positive["method.lora_r"] = config.method.lora_r
-    for key in ("pool_size", "pool_top_k"):  # null: the method's published size
-        if getattr(config.method, key) is not None:
-            positive[f"method.{key}"] = getattr(config.method, key)
+    for key in ("train_per_class", "test_per_class"):
+        if getattr(config.data, key) is not None:
+            positive[f"data.{key}"] = getattr(config.data, key)
     for key, value in positive.items():
-        if value < 1:
-            raise SmopeError(f"config key '{key}' must be >= 1, got {value}")
-    greater_than_zero = {
-        "train.lr": config.train.lr,
-        "train.prompt_lr_scale": config.train.prompt_lr_scale,
-        "method.align_lr": config.method.align_lr,
-        "method.slca_head_lr": config.method.slca_head_lr,
-        "method.lora_lr": config.method.lora_lr,
-    }
-    at_least_zero = {
-        "method.slca_backbone_lr": config.method.slca_backbone_lr,  # 0: a frozen backbone (linear head + alignment)
-        "method.slca_align_epochs": config.method.slca_align_epochs,
-        "method.slca_logit_norm": config.method.slca_logit_norm,
-        "train.min_lr": config.train.min_lr,
-        "train.weight_decay": config.train.weight_decay,
-        "method.align_epochs": config.method.align_epochs,
-        "method.warmup_epochs": config.method.warmup_epochs or 0,
-    }
-    for key, value in greater_than_zero.items():
-        if value <= 0:
-            raise SmopeError(f"config key '{key}' must be > 0, got {value}")
-    for key, value in at_least_zero.items():
-        if value < 0:
-            raise SmopeError(f"config key '{key}' must be >= 0, got {value}")
+        at_least(key, value, 1)
+    above("train.lr", config.train.lr)
+    above("train.prompt_lr_scale", config.train.prompt_lr_scale)
+    at_least("train.min_lr", config.train.min_lr, 0)
+    at_least("train.weight_decay", config.train.weight_decay, 0)
     if isinstance(config.train.compile, str) and config.train.compile not in COMPILE_MODES:
         raise SmopeError(f"config key 'train.compile' must be true, false or one of {', '.join(COMPILE_MODES)}, got {config.train.compile!r}")
-    if config.train.sync_every < 1:
-        raise SmopeError(f"config key 'train.sync_every' must be >= 1, got {config.train.sync_every}")
     for key, value, choices in (
         ("train.precision", config.train.precision, PRECISIONS),
         ("train.parallel", config.train.parallel, PARALLEL_MODES),
         ("train.schedule", config.train.schedule, SCHEDULES),
-        ("method.align_covariance", config.method.align_covariance, ALIGN_COVARIANCES),
-        ("method.align_steps", config.method.align_steps, ALIGN_STEPS),
         ("data.normalize", config.data.normalize, NORMALIZE_CHOICES),
         ("data.interpolation", config.data.interpolation, INTERPOLATION_CHOICES),
         ("data.split", config.data.split, SPLIT_CHOICES),
         ("data.pipeline", config.data.pipeline, PIPELINES),
-        ("method.head", config.method.head, HEADS),
         ("model.head_init", config.model.head_init, HEAD_INITS),
     ):
-        if value not in choices:
-            raise SmopeError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+        one_of(key, value, choices)
     if any(not isinstance(m, int) or m < 1 for m in config.train.milestones):
         raise SmopeError(f"config key 'train.milestones' must be a list of epochs >= 1, got {config.train.milestones!r}")
     if config.train.milestones and config.train.schedule != "step":
         raise SmopeError(f"train.milestones is read only by train.schedule=step (not {config.train.schedule}): remove it, or set train.schedule=step")
     if config.train.schedule_lag and config.train.schedule == "step":
         raise SmopeError("train.schedule_lag is the SMoPE release's cosine schedulers' quirk, not read by train.schedule=step: remove it")
-    method = config.method
-    if (method.vq_temperature is not None and method.vq_temperature <= 0) or min(method.vq_loss_weight or 0, method.vq_commit_weight or 0) < 0:
-        raise SmopeError(
-            "config keys 'method.vq_temperature' must be > 0 and 'method.vq_loss_weight', 'method.vq_commit_weight' >= 0, "
-            f"got {method.vq_temperature}, {method.vq_loss_weight}, {method.vq_commit_weight}"
-        )
-    if (config.method.after_task_eval_noise or 0) < 0:
-        raise SmopeError(f"config key 'method.after_task_eval_noise' must be >= 0 or null, got {config.method.after_task_eval_noise}")
-    check_pool_size(config)
     if config.train.hold_iters < 0 or (config.train.iters_per_epoch or 1) < 1:
         raise SmopeError("config keys 'train.hold_iters' must be >= 0 and 'train.iters_per_epoch' >= 1 (or null)")
     data = config.data
@@ -628,70 +482,11 @@ def validate(config: RunConfig) -> None:
         raise SmopeError(f"data.split=random applies to imagenet-r only ({data.name} has one split of its own); remove it")
     if data.num_workers != "auto" and (not isinstance(data.num_workers, int) or data.num_workers < 0):
         raise SmopeError(f"config key 'data.num_workers' must be auto or an integer >= 0, got {data.num_workers!r}")
-    if data.prefetch < 1:
-        raise SmopeError(f"config key 'data.prefetch' must be >= 1, got {data.prefetch}")
     if data.test_resize is not None and data.test_resize < 1:
         raise SmopeError(f"config key 'data.test_resize' must be >= 1 or null, got {data.test_resize}")
-    try:
-        config.method.check_settings()
-    except InvalidSettingError as exc:
-        raise SmopeError(f"invalid method settings: {exc} (config keys method.*)") from exc
-    if config.method.name in ("hide-prompt", "norga"):
-        validate_hide(config.method, config.data.num_tasks)
-    for key in ("prompt_length", "g_prompt_length"):
-        if getattr(config.method, key) is not None:
-            even_prompt_length(key, getattr(config.method, key))
-    if config.method.rp_dim < 1:
-        raise SmopeError(f"config key 'method.rp_dim' must be >= 1, got {config.method.rp_dim}")
+    config.method.check_run(config)
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise SmopeError(f"config key 'seeds' must list at least one seed, each once, e.g. seeds=[0, 1], got {config.seeds}")
-
-
-# Methods that give each task its own slice of method.pool_size (DualPrompt's E-prompts, CODA-Prompt's components),
-# with their published pool sizes (smope/learners/prompt_pool.py).
-PER_TASK_POOLS = {"dualprompt": 10, "coda-prompt": 100}
-
-
-def check_pool_size(config: RunConfig) -> None:
-    """A per-task pool needs a prompt for every task: refused at load, before any model is built."""
-    published = PER_TASK_POOLS.get(config.method.name)
-    if published is None:
-        return
-    size, tasks = published if config.method.pool_size is None else config.method.pool_size, config.data.num_tasks
-    if size < tasks:
-        raise SmopeError(
-            f"config key 'method.pool_size'={size} must be at least data.num_tasks={tasks} for {config.method.name} "
-            "(one slice of the pool per task): raise method.pool_size"
-        )
-
-
-def even_prompt_length(key: str, value: int) -> int:
-    """A prefix length of config key ``method.<key>``: half keys, half values."""
-    if value < 2 or value % 2:
-        raise SmopeError(f"config key 'method.{key}' must be even and >= 2 (half prefix keys, half values), got {value}")
-    return value
-
-
-def validate_hide(method: MethodConfig, num_tasks: int) -> None:
-    """What hide-prompt and norga cannot honour, refused before any model is built."""
-    if method.hide_statistics is not None and method.hide_statistics not in HIDE_STATISTICS:
-        raise SmopeError(
-            f"config key 'method.hide_statistics' must be one of {', '.join(HIDE_STATISTICS)} (or null: the method's published one), got {method.hide_statistics!r}"
-        )
-    if method.norga_gate not in NORGA_GATES:
-        raise SmopeError(f"config key 'method.norga_gate' must be one of {', '.join(NORGA_GATES)}, got {method.norga_gate!r}")
-    if method.pool_size is not None and method.pool_size < num_tasks:
-        raise SmopeError(f"config key 'method.pool_size'={method.pool_size} must be at least data.num_tasks={num_tasks} (one prompt per task), or null")
-    for key, low in (("hide_tii_epochs", 1), ("hide_align_epochs", 0), ("hide_centroids", 1)):
-        if getattr(method, key) < low:
-            raise SmopeError(f"config key 'method.{key}' must be >= {low}, got {getattr(method, key)}")
-    for key in ("hide_tii_lr", "hide_align_lr"):
-        if getattr(method, key) <= 0:
-            raise SmopeError(f"config key 'method.{key}' must be > 0, got {getattr(method, key)}")
-    if not 0 <= method.hide_prompt_momentum < 1:
-        raise SmopeError(f"config key 'method.hide_prompt_momentum' must be in [0, 1), got {method.hide_prompt_momentum}")
-    if method.hide_contrastive_weight < 0:
-        raise SmopeError(f"config key 'method.hide_contrastive_weight' must be >= 0, got {method.hide_contrastive_weight}")
 
 
 def dump_config(config: RunConfig) -> str:

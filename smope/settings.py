@@ -1,15 +1,36 @@
-"""The prompt-expert settings: one definition of their fields, defaults and checks.
+"""The prompt-expert settings (one definition of their fields, defaults and checks) and the range checks of every setting.
 
-:class:`~smope.config.SMoPEConfig` (the peft adapter config) and the run config's ``method``
-section (:class:`~smope.runconfig.MethodConfig`) both inherit these fields, so a default or
-a range is written once. This module imports neither torch nor peft.
+:class:`~smope.config.SMoPEConfig` (the peft adapter config) and the ``method`` settings of
+the learners built on prompt experts (:mod:`smope.methods`) both inherit these fields, so a
+default or a range is written once. This module imports neither torch nor peft.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
-from .errors import InvalidSettingError
+from .errors import InvalidSettingError, SmopeError
+
+
+def at_least(key: str, value: float, low: float) -> None:
+    """Refuse config key ``key`` below ``low``, naming it."""
+    if value < low:
+        raise SmopeError(f"config key '{key}' must be >= {low}, got {value}")
+
+
+def above(key: str, value: float, low: float = 0) -> None:
+    """Refuse config key ``key`` at or below ``low``, naming it."""
+    if value <= low:
+        raise SmopeError(f"config key '{key}' must be > {low}, got {value}")
+
+
+def one_of(key: str, value: Any, choices: Collection[str]) -> None:
+    """Refuse config key ``key`` outside ``choices``, listing them."""
+    if value not in choices:
+        raise SmopeError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+
 
 INIT_CHOICES = ("uniform", "normal", "zeros")
 # What the training penalty of flagged experts is measured in (docs/routing.md#the-options).
@@ -65,10 +86,7 @@ class PromptExpertSettings:
 
     def check_settings(self) -> None:
         """Raise :class:`~smope.errors.InvalidSettingError` naming the first setting out of range."""
-        if self.num_experts < 1:
-            raise InvalidSettingError(f"num_experts must be >= 1, got {self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise InvalidSettingError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        check_prompt_shape(self)
         if not 0.0 <= self.noise_eps <= 1.0:
             raise InvalidSettingError(f"noise_eps must be in [0, 1], got {self.noise_eps}")
         if self.eval_noise < 0:
@@ -76,14 +94,8 @@ class PromptExpertSettings:
         for name in ("router_weight", "proto_weight", "balance_weight"):
             if getattr(self, name) < 0:
                 raise InvalidSettingError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.init not in INIT_CHOICES:
-            raise InvalidSettingError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
         if self.noise_scale not in NOISE_SCALES:
             raise InvalidSettingError(f"noise_scale must be one of {NOISE_SCALES}, got {self.noise_scale!r}")
-        if not self.layers:
-            raise InvalidSettingError("layers must list at least one block index, e.g. [0, 1, 2, 3, 4, 5]")
-        if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
-            raise InvalidSettingError(f"layers must be distinct block indices >= 0, got {self.layers}")
 
     def check_blocks(self, num_blocks: int) -> None:
         """Check the block indices against a model with ``num_blocks`` attention blocks."""
@@ -99,3 +111,18 @@ class PromptExpertSettings:
 
 
 PROMPT_EXPERT_KEYS = tuple(PromptExpertSettings.__dataclass_fields__)
+DENSE_PROMPT_KEYS = ("num_experts", "top_k", "layers", "init")  # what a prompt in dense mode reads: no routing, noise or routing losses
+
+
+def check_prompt_shape(settings) -> None:
+    """The checks of :data:`DENSE_PROMPT_KEYS` on any object holding them (the prompt experts' shape and init)."""
+    if settings.num_experts < 1:
+        raise InvalidSettingError(f"num_experts must be >= 1, got {settings.num_experts}")
+    if not 1 <= settings.top_k <= settings.num_experts:
+        raise InvalidSettingError(f"top_k must be in [1, num_experts={settings.num_experts}], got {settings.top_k}")
+    if settings.init not in INIT_CHOICES:
+        raise InvalidSettingError(f"init must be one of {INIT_CHOICES}, got {settings.init!r}")
+    if not settings.layers:
+        raise InvalidSettingError("layers must list at least one block index, e.g. [0, 1, 2, 3, 4, 5]")
+    if len(set(settings.layers)) != len(settings.layers) or min(settings.layers) < 0:
+        raise InvalidSettingError(f"layers must be distinct block indices >= 0, got {settings.layers}")

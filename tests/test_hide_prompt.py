@@ -12,7 +12,8 @@ from smope.cost import method_flops
 from smope.experiment import SeedRun
 from smope.learners.hide_prompt import GATES, CentroidStatistics, HiDePromptPool
 from smope.rundir import RunDir
-from smope.runconfig import NORGA_GATES, load_config
+from smope.methods import NORGA_GATES
+from smope.runconfig import load_config
 
 METHODS = ("hide-prompt", "norga")
 TWO_TASKS = ["data.num_tasks=2", "data.first_task_classes=5", "train.epochs=2"]

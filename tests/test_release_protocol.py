@@ -102,8 +102,11 @@ def test_after_task_passes_route_with_their_own_noise(monkeypatch):
     learner.after_task(TaskContext(task=0, classes=range(4), seen=range(4), train_data=images(20), seed=0))
     assert noise_in == [2.0, 2.0]  # the usage pass and the statistics pass
     assert {layer.eval_noise for layer in prompted_layers(learner.model)} == {0.0}  # the test evaluation's
-    with after_task_noise(learner.model, learner.config.method.__class__(eval_noise=0.5)):  # null: method.eval_noise
+    with after_task_noise(learner.model, 0.5):
         assert {layer.eval_noise for layer in prompted_layers(learner.model)} == {0.5}
+    with after_task_noise(learner.model, None):  # null: method.eval_noise
+        assert {layer.eval_noise for layer in prompted_layers(learner.model)} == {0.0}
+    assert {layer.eval_noise for layer in prompted_layers(learner.model)} == {0.0}
 
 
 @pytest.mark.parametrize("head_init", ["timm", "torch"])

@@ -165,7 +165,7 @@ def test_bad_setting_is_one_line(override, expected, tmp_path, capsys):
     "overrides, expected",
     [
         (["method.name=hide-prompt", "method.prompt_layers=[0,40]"], "'method.prompt_layers' must list distinct block indices in [0, 1] (this model has 2 blocks)"),
-        (["method.name=dualprompt", "method.g_prompt_layers=[5]"], "'method.g_prompt_layers' must list distinct block indices in [0, 1]"),
+        (["method.name=dualprompt", "method.prompt_layers=[1]", "method.g_prompt_layers=[5]"], "'method.g_prompt_layers' must list distinct block indices in [0, 1]"),
         (["method.name=vq-prompt", "method.prompt_layers=[2]"], "'method.prompt_layers' must list distinct block indices in [0, 1]"),
         (["method.layers=[0,40]"], "'method.layers' must list distinct block indices in [0, 1]"),
         (["method.name=l2p", "method.pool_size=0"], "config key 'method.pool_size' must be >= 1, got 0"),
@@ -173,6 +173,9 @@ def test_bad_setting_is_one_line(override, expected, tmp_path, capsys):
         (["method.name=lora", "method.lora_r=0"], "config key 'method.lora_r' must be >= 1, got 0"),
         (["method.name=norga", "method.pool_size=2"], "must be at least data.num_tasks=3"),
         (["method.name=norga", "method.norga_gate=swish"], "config key 'method.norga_gate' must be one of"),
+        (["method.name=l2p", "method.pool_size=3"], "config key 'method.pool_top_k'=5 must not exceed method.pool_size=3"),  # a published default
+        (["method.name=dualprompt"], "'method.prompt_layers' must list distinct block indices in [0, 1]"),  # published [2, 3, 4], 2 blocks
+        (["method.name=coda-prompt", "method.ortho_weight=-1"], "config key 'method.ortho_weight' must be >= 0, got -1"),
     ],
 )
 def test_settings_a_method_cannot_honour_are_refused_by_the_dry_run(overrides, expected, capsys):

@@ -1,8 +1,10 @@
 """Typed config loading: defaults, YAML, dotted overrides and the errors that name the key."""
 
 import pytest
+import yaml
 
 from smope.errors import SmopeError
+from smope.methods import SMoPESettings, defaults_of, every_method_key, method_settings, spec_for
 from smope.runconfig import load_config
 
 
@@ -60,7 +62,7 @@ def test_a_method_key_the_chosen_method_does_not_read_is_refused_with_its_reader
     message = str(refused.value)
     assert "method.pool_size is not read by method.name=smope" in message
     assert "read by l2p, dualprompt, coda-prompt" in message
-    assert load_config(None, ["method.name=l2p", "method.pool_size=3"]).method.pool_size == 3
+    assert load_config(None, ["method.name=l2p", "method.pool_size=8"]).method.pool_size == 8
     with pytest.raises(SmopeError, match="method.num_experts is not read by method.name=lora"):
         load_config(None, ["method.name=lora", "method.num_experts=3"])
 
@@ -71,8 +73,38 @@ def test_a_file_switched_to_another_method_keeps_only_the_keys_that_method_reads
     with pytest.raises(SmopeError, match="method.num_experts is not read by method.name=lora"):
         load_config(path, ["method.name=lora", "method.num_experts=7"])  # an override is always checked
     slca = load_config(path, ["method.name=slca"]).method  # the file was written for smope
-    assert slca.align_samples_per_class == 64 and slca.num_experts == 25  # read by slca: kept; not read: back to the default
+    assert slca.align_samples_per_class == 64 and not hasattr(slca, "num_experts")  # read by slca: kept; not read: dropped
     (tmp_path / "lora.yaml").write_text("method:\n  name: lora\n  num_experts: 7\n")
     with pytest.raises(SmopeError, match="method.num_experts is not read"):
         load_config(tmp_path / "lora.yaml")  # the file's own method: checked
-    assert load_config(tmp_path / "lora.yaml", strict=False).method.num_experts == 25  # a saved run's config: reset only
+    assert not hasattr(load_config(tmp_path / "lora.yaml", strict=False).method, "num_experts")  # a saved run's config: dropped only
+
+
+def test_each_method_has_its_published_defaults_and_reads_only_its_fields():
+    l2p, coda, norga = (load_config(None, [f"method.name={m}"]).method for m in ("l2p", "coda-prompt", "norga"))
+    assert (l2p.pool_size, l2p.prompt_length, l2p.prompt_layers, l2p.pool_top_k) == (30, 20, [0], 5)
+    assert (coda.pool_size, coda.prompt_length, coda.ortho_weight) == (100, 8, 0.1)
+    assert norga.hide_statistics == "full" and load_config(None, ["method.name=hide-prompt"]).method.hide_statistics == "centroids"
+    assert spec_for("l2p").reads == ("pool_size", "prompt_length", "prompt_layers", "pool_top_k")
+    assert method_settings("lora").name == "lora" and SMoPESettings().name == "smope"  # built without a name: the registered one
+
+
+def test_null_for_a_formerly_published_key_is_the_default(tmp_path):
+    """Config files written when these keys were "null = published" (run folders' config.yaml) still load."""
+    path = tmp_path / "old.yaml"
+    path.write_text("method:\n  name: l2p\n  pool_size: null\n  prompt_layers: null\n  pool_top_k: 4\n")
+    method = load_config(path).method
+    assert (method.pool_size, method.prompt_layers, method.pool_top_k) == (30, [0], 4)
+    with pytest.raises(SmopeError, match="config key 'method.warmup_epochs' must be int"):
+        load_config(None, ["method.warmup_epochs=abc"])
+
+
+def test_a_file_spelling_out_every_key_at_a_default_loads_for_its_method(tmp_path):
+    """Run folders written before config.yaml held only acting keys listed every method.* key."""
+    every = {key: defaults_of(key)[0] for key in every_method_key()[1:]}
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump({"method": {"name": "smope", **every, "num_experts": 7}}))
+    assert load_config(path).method.num_experts == 7
+    path.write_text(yaml.safe_dump({"method": {"name": "smope", "lora_r": 4}}))
+    with pytest.raises(SmopeError, match="method.lora_r is not read by method.name=smope"):
+        load_config(path)

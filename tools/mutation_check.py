@@ -97,10 +97,13 @@ MUTATIONS = [
     Mutation("projection: boolean mask added as 0/1", LAYER, "if attn_mask.dtype == torch.bool:", "if False:", PROJECTIONS),
     Mutation("projection: transformers keys and values swapped", VIT, "(module.q_proj, module.k_proj, module.v_proj)", "(module.q_proj, module.v_proj, module.k_proj)", PROJECTIONS),
     # Method keys and the ridge head's checkpoints
-    Mutation("config: unread method keys accepted", "smope/runconfig.py", "        if unread:\n            raise _unread_keys_error", "        if False:\n            raise _unread_keys_error", ["tests/test_runconfig.py"]),
-    Mutation("config: a switched file's unread keys kept", "smope/runconfig.py", "        setattr(config.method, key, getattr(default, key))", "        pass", ["tests/test_runconfig.py"]),
-    Mutation("config: method.lora_r not checked", "smope/runconfig.py", '    positive["method.lora_r"] = config.method.lora_r\n', "", ["tests/test_reliability.py"], ["-k", "cannot_honour"]),
-    Mutation("config: a per-task pool smaller than the tasks accepted", "smope/runconfig.py", "    if size < tasks:", "    if False:", ["tests/test_baselines.py"], ["-k", "bad_pool_settings"]),
+    Mutation("config: unread method keys accepted", "smope/runconfig.py", "    if unread:\n        raise _unread_keys_error", "    if False:\n        raise _unread_keys_error", ["tests/test_runconfig.py"]),
+    Mutation("config: a switched file's unread keys refused", "smope/runconfig.py", '(file_keys if section.get("name", "smope") == file_method else set())', "file_keys", ["tests/test_runconfig.py"]),
+    Mutation("config: null for a formerly published key refused", "smope/runconfig.py", "        if value is None and key in NULL_MEANS_DEFAULT:\n            continue\n", "", ["tests/test_runconfig.py"]),
+    Mutation("settings: method.lora_r not checked", "smope/methods.py", '        at_least("method.lora_r", self.lora_r, 1)\n', "", ["tests/test_reliability.py"], ["-k", "cannot_honour"]),
+    Mutation("settings: a per-task pool smaller than the tasks accepted", "smope/methods.py", "        if self.PER_TASK and self.pool_size < tasks:", "        if False:", ["tests/test_baselines.py"], ["-k", "bad_pool_settings"]),
+    Mutation("settings: a published default not checked at load", "smope/methods.py", "        if self.pool_top_k > self.pool_size:", "        if False:", ["tests/test_reliability.py"], ["-k", "cannot_honour"]),
+    Mutation("settings: an inactive key kept in the run identity", "smope/methods.py", '({"rp_dim"} if self.head != "ridge" else set())', "set()", ["tests/test_run_folder.py"]),
     Mutation("ridge: restored features never added to G", "smope/learners/ridge.py", "        for earlier in self.pending:", "        for earlier in []:", ["tests/test_ridge_head.py"], ["-k", "ridge_checkpoints"]),
     # Class order (the rule is Python's random.shuffle seeded by the run's seed)
     Mutation("slca: logits not normalised in the alignment", "smope/learners/slca.py", "        if logit_norm > 0:", "        if False:", SLCA, ["-k", "releases_step"]),

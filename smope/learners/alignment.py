@@ -28,7 +28,7 @@ from ..schedule import cosine_multipliers, lagged
 from ..trainer import OptimizerFactory, Trainer, adamw
 
 if TYPE_CHECKING:
-    from ..runconfig import MethodConfig
+    from ..methods import AlignmentSettings
     from .base import TaskContext
 
 RELEASE_ALIGN_START = 10.0
@@ -227,7 +227,7 @@ def epoch_cosine(epochs: int, per_epoch: int) -> Callable[[int], float]:
 
 
 def align_after_task(
-    head: nn.Module, stats: ClassStatistics, ctx: TaskContext, method: MethodConfig, batch_size: int, trainer: Trainer | None = None
+    head: nn.Module, stats: ClassStatistics, ctx: TaskContext, method: AlignmentSettings, batch_size: int, trainer: Trainer | None = None
 ) -> None:
     """:func:`align_head` after task ``ctx`` with a run's ``method.align*`` settings (``batch_size``: ``train.batch_size``).
 

@@ -254,14 +254,11 @@ class GatedPrefixAttention(PrefixAttention):
 class HiDePromptLearner(PromptPoolLearner):
     """HiDe-Prompt with the published CIFAR-100 settings as defaults (ImageNet-R: experiments/run_baselines.sh)."""
 
-    published = {"pool_size": 10, "prompt_length": 10, "prompt_layers": [0, 1, 2, 3, 4], "hide_statistics": "centroids"}
-
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         method, dim = config.method, self.model.num_features
-        kind = self.setting("hide_statistics")
-        self.tii_stats = make_statistics(kind, num_classes, dim, method.hide_centroids)
-        self.stats = make_statistics(kind, num_classes, dim, method.hide_centroids)
+        self.tii_stats = make_statistics(method.hide_statistics, num_classes, dim, method.hide_centroids)
+        self.stats = make_statistics(method.hide_statistics, num_classes, dim, method.hide_centroids)
 
     @property
     def pool(self) -> HiDePromptPool:
@@ -271,7 +268,7 @@ class HiDePromptLearner(PromptPoolLearner):
         return HiDePromptPool(
             layers=self.layers("prompt_layers", shape),
             pool_size=self.pool_per_task(),
-            length=self.setting("prompt_length"),
+            length=self.config.method.prompt_length,
             width=shape.width,
             query_dim=shape.query_dim,
             num_classes=self.num_classes,
@@ -369,8 +366,6 @@ class HiDePromptLearner(PromptPoolLearner):
 
 class NoRGaLearner(HiDePromptLearner):
     """HiDe-Prompt with NoRGa's gated prefix scores; the gates train on the first task only."""
-
-    published = {**HiDePromptLearner.published, "hide_statistics": "full"}
 
     def prefix_attention(self, attention: nn.Module) -> PrefixAttention:
         return GatedPrefixAttention(attention, self.config.method.norga_gate)

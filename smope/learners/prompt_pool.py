@@ -28,11 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import create_backbone
-from ..errors import SmopeError
-from ..runconfig import RunConfig, check_pool_size
-from ..vit import check_layers
+from ..runconfig import RunConfig
 from ..trainer import Trainer
-from ..vit import find_attention_blocks
+from ..vit import check_layers, find_attention_blocks
 from .base import Learner, TaskContext, training_loss
 from .prefix import Prefix, PrefixAttention, PrefixPromptedModel, PromptPool, concat_prefixes, split_prefix
 
@@ -190,11 +188,9 @@ class BackboneShape:
 class PromptPoolLearner(Learner):
     """Shared training of the two-pass prefix methods: cross-entropy plus the pool's own loss.
 
-    ``published`` holds the method's defaults for the ``method.*`` keys left null. The pool is
-    trained without weight decay: prompts a task does not use must stay exactly as they were.
+    Its settings are the method's (:class:`~smope.methods.PoolSettings`). The pool is trained
+    without weight decay: prompts a task does not use must stay exactly as they were.
     """
-
-    published: dict = {}
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
@@ -211,19 +207,14 @@ class PromptPoolLearner(Learner):
         """The wrapper of a prompted block's attention: plain prefix tuning unless a method changes the scores."""
         return PrefixAttention(attention)
 
-    def setting(self, key: str):
-        """``method.<key>`` (range-checked when the config loaded), or the method's published default when it is null."""
-        value = getattr(self.config.method, key)
-        return self.published[key] if value is None else value
-
-
     def layers(self, key: str, shape: BackboneShape) -> list[int]:
-        return check_layers(f"method.{key}", self.setting(key), shape.num_blocks)
+        """The blocks of ``method.<key>``, checked against this backbone (as the config's load does)."""
+        return check_layers(f"method.{key}", getattr(self.config.method, key), shape.num_blocks)
 
     def pool_per_task(self) -> int:
         """``method.pool_size``, checked to hold at least one prompt per task (as the config's load does)."""
-        check_pool_size(self.config)
-        return self.setting("pool_size")
+        self.config.method.check_run(self.config)
+        return self.config.method.pool_size
 
     def param_groups(self) -> list[dict]:
         lr = self.config.train.lr
@@ -242,26 +233,20 @@ class PromptPoolLearner(Learner):
 
 
 class L2PLearner(PromptPoolLearner):
-    published = {"pool_size": 30, "prompt_length": 20, "prompt_layers": [0], "pool_top_k": 5}
-
     def build_pool(self, shape: BackboneShape) -> PromptPool:
-        pool_size, top_k = self.setting("pool_size"), self.setting("pool_top_k")
-        if top_k > pool_size:
-            raise SmopeError(f"config key 'method.pool_top_k'={top_k} must not exceed method.pool_size={pool_size}")
+        method = self.config.method
         layers = self.layers("prompt_layers", shape)
-        return L2PPool(layers, pool_size, self.setting("prompt_length"), top_k, shape.width, shape.query_dim)
+        return L2PPool(layers, method.pool_size, method.prompt_length, method.pool_top_k, shape.width, shape.query_dim)
 
 
 class DualPromptLearner(PromptPoolLearner):
-    published = {"pool_size": 10, "prompt_length": 20, "prompt_layers": [2, 3, 4], "g_prompt_length": 6, "g_prompt_layers": [0, 1]}
-
     def build_pool(self, shape: BackboneShape) -> PromptPool:
         return DualPromptPool(
             g_layers=self.layers("g_prompt_layers", shape),
             e_layers=self.layers("prompt_layers", shape),
             pool_size=self.pool_per_task(),
-            e_length=self.setting("prompt_length"),
-            g_length=self.setting("g_prompt_length"),
+            e_length=self.config.method.prompt_length,
+            g_length=self.config.method.g_prompt_length,
             width=shape.width,
             query_dim=shape.query_dim,
         )
@@ -274,18 +259,13 @@ class DualPromptLearner(PromptPoolLearner):
 
 
 class CodaPromptLearner(PromptPoolLearner):
-    published = {"pool_size": 100, "prompt_length": 8, "prompt_layers": [0, 1, 2, 3, 4], "ortho_weight": 0.1}
-
     def build_pool(self, shape: BackboneShape) -> PromptPool:
-        ortho_weight = self.setting("ortho_weight")
-        if ortho_weight < 0:
-            raise SmopeError(f"config key 'method.ortho_weight' must be >= 0, got {ortho_weight}")
         return CodaPromptPool(
             layers=self.layers("prompt_layers", shape),
             pool_size=self.pool_per_task(),
-            length=self.setting("prompt_length"),
+            length=self.config.method.prompt_length,
             num_tasks=self.config.data.num_tasks,
-            ortho_weight=ortho_weight,
+            ortho_weight=self.config.method.ortho_weight,
             width=shape.width,
             query_dim=shape.query_dim,
         )

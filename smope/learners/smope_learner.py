@@ -23,7 +23,7 @@ from ..model import (
     prompted_layers,
     set_mode,
 )
-from ..runconfig import MethodConfig, RunConfig, TrainConfig
+from ..runconfig import RunConfig, TrainConfig
 from ..trainer import Trainer
 from ..vit import trainable_outside
 from .alignment import ClassStatistics, align_after_task
@@ -32,21 +32,21 @@ from .ridge import RidgeHead
 
 
 @contextmanager
-def after_task_noise(model: nn.Module, method: MethodConfig) -> Iterator[None]:
-    """Within the block every prompted layer routes with ``method.after_task_eval_noise`` (null: ``method.eval_noise``)."""
+def after_task_noise(model: nn.Module, noise: float | None) -> Iterator[None]:
+    """Within the block every prompted layer routes with evaluation noise ``noise`` (None: its own, ``method.eval_noise``)."""
     layers = prompted_layers(model)
-    noise = method.eval_noise if method.after_task_eval_noise is None else method.after_task_eval_noise
-    for layer in layers:
+    own = [layer.eval_noise for layer in layers]
+    for layer in layers if noise is not None else ():
         layer.eval_noise = noise
     try:
         yield
     finally:
-        for layer in layers:
-            layer.eval_noise = method.eval_noise
+        for layer, value in zip(layers, own):
+            layer.eval_noise = value
 
 
 def smope_config(config: RunConfig) -> SMoPEConfig:
-    """The adapter config of a run's ``method`` section (both share :class:`~smope.settings.PromptExpertSettings`)."""
+    """The adapter config of a run's ``method`` section (its prompt-expert fields; a dense prompt's leave the rest at their defaults)."""
     return SMoPEConfig(**config.method.prompt_expert_settings())
 
 
@@ -127,7 +127,7 @@ class PromptLearner(Learner):
         while the counts still grow would depend on the order of the batches. Both route with
         ``method.after_task_eval_noise`` (docs/method.md#after-task-passes).
         """
-        with after_task_noise(self.model, self.config.method):
+        with after_task_noise(self.model, self.after_task_eval_noise()):
             usage_before = expert_usage(self.model)
             self.usage_pass(ctx)
             self.merge_usage(usage_before)
@@ -139,6 +139,10 @@ class PromptLearner(Learner):
         method = self.config.method
         if ctx.task > 0 and method.align:
             align_after_task(self.head, self.stats, ctx, method, self.config.train.batch_size, self.trainer)
+
+    def after_task_eval_noise(self) -> float | None:
+        """The evaluation noise of the after-task passes; None: the layers' own (a dense prompt has no such setting)."""
+        return None
 
     def usage_pass(self, ctx: TaskContext) -> None:
         """One eval-mode sweep over the task's training images that adds each batch's top-K experts to the counts.
@@ -189,6 +193,9 @@ class PromptLearner(Learner):
 
 class SMoPELearner(PromptLearner):
     """Sparse prompt experts with adaptive noise, router and prototype losses."""
+
+    def after_task_eval_noise(self) -> float | None:
+        return self.config.method.after_task_eval_noise
 
     def train_task(self, ctx: TaskContext) -> None:
         if ctx.task > 0:

@@ -79,26 +79,18 @@ class VQPromptPool(PromptPool):
 class VQPromptLearner(KeepsClassStatistics, PromptPoolLearner):
     """The pool trained with the masked cross-entropy and the quantisation losses; statistics and alignment after each task."""
 
-    published = {
-        "pool_size": 10,
-        "prompt_length": 8,
-        "prompt_layers": [0, 1, 2, 3, 4],
-        "vq_temperature": 1.0,
-        "vq_loss_weight": 0.4,
-        "vq_commit_weight": 0.1,
-    }
-
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
 
     def build_pool(self, shape: BackboneShape) -> PromptPool:
+        method = self.config.method
         return VQPromptPool(
             layers=self.layers("prompt_layers", shape),
-            pool_size=self.setting("pool_size"),
-            length=self.setting("prompt_length"),
-            temperature=self.setting("vq_temperature"),  # ranges checked when the config loads
-            weights=(self.setting("vq_loss_weight"), self.setting("vq_commit_weight")),
+            pool_size=method.pool_size,
+            length=method.prompt_length,
+            temperature=method.vq_temperature,
+            weights=(method.vq_loss_weight, method.vq_commit_weight),
             width=shape.width,
             query_dim=shape.query_dim,
         )
