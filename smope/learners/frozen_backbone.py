@@ -15,7 +15,7 @@ from ..backbones import frozen_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from ..vit import unfreeze_classifier
-from .alignment import ClassStatistics, KeepsClassStatistics, align_after_task
+from .alignment import ClassStatistics, DiagonalStatistics, KeepsClassStatistics, align_after_task, class_statistics
 from .base import Learner, TaskContext, cross_entropy_on
 
 
@@ -37,7 +37,7 @@ class PrototypeLearner(Learner):
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         self.model = frozen_backbone(config.model, self.device)
-        self.stats = ClassStatistics(num_classes, self.model.num_features, device=self.device)
+        self.stats = DiagonalStatistics(num_classes, self.model.num_features, self.device)
 
     def train_task(self, ctx: TaskContext) -> None:
         self.stats.update(*self.features_and_labels(ctx.train_data, self.model))
@@ -87,7 +87,7 @@ class AlignedHeadLearner(KeepsClassStatistics, HeadOnlyLearner):
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
-        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance, self.device)
+        self.stats = class_statistics(config.method.align_covariance, num_classes, self.model.num_features, self.device)
 
     def train_task(self, ctx: TaskContext) -> None:
         features, labels = self.features_and_labels(ctx.train_data, self.pooled_features)

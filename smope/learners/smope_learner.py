@@ -26,7 +26,7 @@ from ..model import (
 from ..runconfig import MethodConfig, RunConfig, TrainConfig
 from ..trainer import Trainer
 from ..vit import trainable_outside
-from .alignment import ClassStatistics, align_after_task
+from .alignment import align_after_task, class_statistics
 from .base import Learner, TaskContext, training_loss
 from .ridge import RidgeHead
 
@@ -110,7 +110,7 @@ class PromptLearner(Learner):
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         self.model = prompted_backbone(config, num_classes, self.device)
-        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance, self.device)
+        self.stats = class_statistics(config.method.align_covariance, num_classes, self.model.num_features, self.device)
         self.ridge = RidgeHead(self.model.num_features, num_classes, config.method.rp_dim) if config.method.head == "ridge" else None
 
     def param_groups(self) -> list[dict]:

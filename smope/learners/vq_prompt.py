@@ -38,7 +38,7 @@ from torch import nn
 
 from ..runconfig import RunConfig
 from ..trainer import Trainer
-from .alignment import ClassStatistics, KeepsClassStatistics, align_after_task
+from .alignment import KeepsClassStatistics, align_after_task, class_statistics
 from .base import TaskContext
 from .prefix import Prefix, PromptPool, split_prefix
 from .prompt_pool import BackboneShape, PromptPoolLearner
@@ -90,7 +90,7 @@ class VQPromptLearner(KeepsClassStatistics, PromptPoolLearner):
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
-        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
+        self.stats = class_statistics(config.method.align_covariance, num_classes, self.model.num_features)
 
     def build_pool(self, shape: BackboneShape) -> PromptPool:
         return VQPromptPool(
