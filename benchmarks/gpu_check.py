@@ -221,7 +221,7 @@ class PhaseClock:
 
 def end_to_end(root: Path, out: Path, device: torch.device, quick: bool) -> dict:
     from smope import experiment
-    from smope.learners import smope_learner
+    from smope.learners import heads, smope_learner
     from smope.learners.base import Learner
 
     model = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 4}"]
@@ -240,7 +240,7 @@ def end_to_end(root: Path, out: Path, device: torch.device, quick: bool) -> dict
 
     clock.wrap(smope_learner.SMoPELearner, "train_task", lambda a, k: "training")
     clock.wrap(Learner, "features_and_labels", pass_phase)
-    clock.wrap(smope_learner, "align_after_task", lambda a, k: "alignment")
+    clock.wrap(heads, "align_after_task", lambda a, k: "alignment")
     clock.wrap(experiment, "evaluate", lambda a, k: "evaluation")
     profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if device.type == "cuda" else contextlib.nullcontext()
     try:

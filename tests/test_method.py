@@ -17,7 +17,7 @@ from helpers import TINY, tiny_config, tiny_timm_vit
 import smope
 from smope import cli
 from smope.learners import create_learner
-from smope.learners.alignment import ClassStatistics, align_head
+from smope.learners.alignment import DiagonalStatistics, align_head
 from smope.learners.base import masked_logits
 from smope.learners.smope_learner import SMoPELearner
 
@@ -270,7 +270,7 @@ def test_class_statistics_are_the_population_mean_and_variance():
     generator = np.random.default_rng(0)
     features = generator.normal(size=(30, 5)).astype(np.float32) * [1, 2, 3, 4, 5]
     labels = np.array([0, 2, 3] * 10)
-    stats = ClassStatistics(4, 5)
+    stats = DiagonalStatistics(4, 5)
     stats.update(torch.from_numpy(features), torch.from_numpy(labels))
     for label in (0, 2, 3):
         rows = features[labels == label]
@@ -281,7 +281,7 @@ def test_class_statistics_are_the_population_mean_and_variance():
 
 def test_samples_follow_each_class_gaussian():
     generator = np.random.default_rng(1)
-    stats = ClassStatistics(3, 4)
+    stats = DiagonalStatistics(3, 4)
     centres, scales = np.array([[0, 5, -5, 1], [3, 3, 3, 3], [-2, 0, 2, 4]]), np.array([0.5, 1.0, 2.0, 3.0])
     features = np.concatenate([c + scales * generator.normal(size=(500, 4)) for c in centres]).astype(np.float32)
     stats.update(torch.from_numpy(features), torch.arange(3).repeat_interleave(500))
@@ -313,7 +313,7 @@ def test_alignment_restores_old_classes_that_a_biased_head_forgets():
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    stats = ClassStatistics(6, dim)
+    stats = DiagonalStatistics(6, dim)
     stats.update(features, labels)
     test = torch.cat([c + torch.randn(per_class, dim) for c in centres[:3]])
 

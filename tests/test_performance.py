@@ -16,7 +16,7 @@ from smope import layer as layer_module
 from smope.errors import SmopeError
 from smope.experiment import with_resolved_precision
 from smope.learners import TaskContext
-from smope.learners.alignment import VARIANCE_FLOOR, ClassStatistics
+from smope.learners.alignment import VARIANCE_FLOOR, FullCovarianceStatistics
 from smope.model import prompted_layers, set_mode
 from smope.routing import RoutingTracker
 from smope.rundir import RunDir
@@ -178,7 +178,7 @@ def test_usage_pass_copies_to_the_host_once(step_overhead):
 
 
 def test_full_covariance_factor_once_per_class_and_task(monkeypatch):
-    stats = ClassStatistics(3, 4, "full")
+    stats = FullCovarianceStatistics(3, 4)
     features, labels = torch.randn(30, 4, generator=torch.Generator().manual_seed(0)), torch.arange(30) % 3
     stats.update(features, labels)
     calls = []

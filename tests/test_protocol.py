@@ -12,7 +12,7 @@ from torch import nn
 
 from smope.errors import SmopeError
 from smope.learners import TaskContext
-from smope.learners.alignment import VARIANCE_FLOOR, ClassStatistics, align_after_task, align_head
+from smope.learners.alignment import VARIANCE_FLOOR, ClassStatistics, DiagonalStatistics, FullCovarianceStatistics, align_after_task, align_head, class_statistics
 from smope.runconfig import load_config
 from smope.schedule import lr_multipliers
 
@@ -69,7 +69,7 @@ def _statistics(covariance: str, seed: int = 0) -> tuple[ClassStatistics, torch.
     mix = torch.tensor([[2.0, 0.0, 0.0], [1.5, 0.5, 0.0], [0.0, 0.3, 1.0]])  # correlated dimensions
     features = torch.cat([torch.randn(400, 3, generator=generator) @ mix.T + c for c in (0.0, 5.0)])
     labels = torch.arange(2).repeat_interleave(400)
-    stats = ClassStatistics(2, 3, covariance)
+    stats = class_statistics(covariance, 2, 3)
     stats.update(features, labels)
     return stats, features
 
@@ -107,13 +107,39 @@ def test_checkpoint_statistics_hold_only_the_last_tasks_classes_and_merge_back()
     stats.update(features[400:], torch.ones(400, dtype=torch.int64))  # "task 2" re-estimates class 1
     state = stats.state_dict()
     assert state["class_stats.classes"].tolist() == [1] and state["class_stats.cov"].shape == (1, 3, 3)
-    restored = ClassStatistics(2, 3, "full")
-    first = ClassStatistics(2, 3, "full")
+    restored = FullCovarianceStatistics(2, 3)
+    first = FullCovarianceStatistics(2, 3)
     first.update(features[:400], torch.zeros(400, dtype=torch.int64))
     restored.load_state_dict(first.state_dict())
     restored.load_state_dict(state)
     for label in (0, 1):
         assert torch.equal(restored.cov[label], stats.cov[label]) and torch.equal(restored.mean[label], stats.mean[label])
+
+
+def test_diagonal_and_full_statistics_keep_the_same_means_counts_and_checkpoint_entries():
+    full, _ = _statistics("full")
+    diagonal, _ = _statistics("diag")
+    assert isinstance(full, FullCovarianceStatistics) and isinstance(diagonal, DiagonalStatistics)
+    assert torch.equal(full.mean, diagonal.mean) and torch.equal(full.count, diagonal.count)
+    assert torch.allclose(full.cov[1].diagonal() * 399 / 400, diagonal.var[1], rtol=1e-4)  # unbiased vs population
+    assert set(full.state_dict()) - {"class_stats.cov"} == set(diagonal.state_dict()) - {"class_stats.var"}
+
+
+def test_full_statistics_with_a_diagonal_covariance_draw_what_the_diagonal_ones_draw():
+    """Both spend the generator's noise in the same order, one class after the other."""
+    diagonal, _ = _statistics("diag")
+    state = diagonal.state_dict()
+    variances = state.pop("class_stats.var")
+    full = FullCovarianceStatistics(2, 3)
+    full.load_state_dict({**state, "class_stats.cov": torch.diag_embed(variances)})
+    drawn, labels = diagonal.sample(range(2), 50, torch.Generator().manual_seed(3))
+    drawn_full, labels_full = full.sample(range(2), 50, torch.Generator().manual_seed(3))
+    assert torch.equal(labels, labels_full) and torch.allclose(drawn, drawn_full, atol=1e-5)
+
+
+def test_an_unknown_covariance_is_refused():
+    with pytest.raises(ValueError, match="covariance must be 'diag' or 'full', got 'spherical'"):
+        class_statistics("spherical", 2, 3)
 
 
 class _CountingHead(nn.Linear):
@@ -125,7 +151,7 @@ class _CountingHead(nn.Linear):
 
 
 def test_alignment_runs_one_batch_per_old_class_each_epoch():
-    stats3 = ClassStatistics(5, 3)
+    stats3 = DiagonalStatistics(5, 3)
     stats3.update(torch.randn(50, 3), torch.arange(5).repeat_interleave(10))
     head = _CountingHead(3, 5)
     _CountingHead.calls = 0
@@ -139,7 +165,7 @@ def test_alignment_runs_one_batch_per_old_class_each_epoch():
 @pytest.mark.parametrize("steps", ["old_classes", "all_samples"])
 def test_a_runs_alignment_follows_its_step_rule(steps):
     """After a task whose classes are 3 and 4, the authors' rule runs 3 batches (old classes) per epoch."""
-    stats = ClassStatistics(5, 3)
+    stats = DiagonalStatistics(5, 3)
     stats.update(torch.randn(50, 3), torch.arange(5).repeat_interleave(10))
     method = load_config(None, [f"method.align_steps={steps}", "method.align_epochs=4", "method.align_samples_per_class=16"]).method
     ctx = TaskContext(task=1, classes=range(3, 5), seen=range(5), train_data=None, seed=0)

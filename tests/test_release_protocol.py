@@ -13,7 +13,7 @@ from smope.backbones import create_backbone
 from smope.cli import main
 from smope.errors import SmopeError
 from smope.learners import TaskContext
-from smope.learners.alignment import RELEASE_ALIGN_START, ClassStatistics, align_head
+from smope.learners.alignment import RELEASE_ALIGN_START, DiagonalStatistics, align_head
 from smope.learners.smope_learner import after_task_noise
 from smope.model import expert_usage, prompted_layers
 from smope.runconfig import ModelConfig, load_config
@@ -56,7 +56,7 @@ def test_lagged_alignment_takes_its_first_step_at_ten_times_its_rate(monkeypatch
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    stats = ClassStatistics(4, 3)
+    stats = DiagonalStatistics(4, 3)
     stats.update(torch.randn(40, 3), torch.arange(4).repeat_interleave(10))
     for lag in (False, True):
         seen.clear()

@@ -8,7 +8,7 @@ from helpers import TINY, read_metrics
 from safetensors.torch import load_file
 
 from smope import cli
-from smope.learners.alignment import ClassStatistics
+from smope.learners.alignment import FullCovarianceStatistics
 from smope.learners.slca import slca_align
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,7 +32,7 @@ def test_negative_slca_backbone_rate_is_refused(tmp_path, capsys):
 
 def test_slca_alignment_is_the_releases_step():
     generator = torch.Generator().manual_seed(0)
-    stats = ClassStatistics(6, 4, "full")
+    stats = FullCovarianceStatistics(6, 4)
     stats.update(torch.randn(600, 4, generator=generator) + (torch.arange(6).repeat_interleave(100).unsqueeze(1) + 1) * 10.0, torch.arange(6).repeat_interleave(100))
     head = torch.nn.Linear(4, 6)
     tasks = (range(0, 2), range(2, 4), range(4, 6))

@@ -44,6 +44,7 @@ METRICS = ["tests/test_metrics.py"]
 RESUME = ["tests/test_resume.py"]
 SLCA = ["tests/test_slca.py"]
 LAYER, LEARNER, ALIGN, BASE = "smope/layer.py", "smope/learners/smope_learner.py", "smope/learners/alignment.py", "smope/learners/base.py"
+HEADS = "smope/learners/heads.py"
 VIT = "smope/vit.py"
 
 MUTATIONS = [
@@ -72,8 +73,8 @@ MUTATIONS = [
     Mutation("prototype: current keys detached", LAYER, "(old @ self.keys.transpose(-1, -2))", "(old @ self.keys.detach().transpose(-1, -2))", METHOD),
     Mutation("prototype: term dropped from the auxiliary loss", LAYER, "if self.proto_weight > 0:", "if self.proto_weight < 0:", METHOD),
     # Classifier alignment
-    Mutation("alignment: never run", LEARNER, "if ctx.task > 0 and method.align:", "if False:", METHOD),
-    Mutation("alignment: run despite align=false", LEARNER, "if ctx.task > 0 and method.align:", "if ctx.task > 0:", METHOD),
+    Mutation("alignment: never run", HEADS, "if ctx.task > 0 and method.align:", "if False:", METHOD),
+    Mutation("alignment: run despite align=false", HEADS, "if ctx.task > 0 and method.align:", "if ctx.task > 0:", METHOD),
     Mutation("alignment: sample variance (ddof=1)", ALIGN, "rows.var(0, unbiased=False)", "rows.var(0)", METHOD),
     Mutation("alignment: samples scaled by the variance, not the std", ALIGN, "(self.var[labels] + VARIANCE_FLOOR).sqrt()", "(self.var[labels] + VARIANCE_FLOOR)", METHOD),
     Mutation("alignment: head never stepped", ALIGN, "trainer.optimize(groups, optimizer(groups, weight_decay), multipliers, epochs,", "trainer.optimize(groups, optimizer(groups, weight_decay), multipliers, 0,", METHOD),
@@ -85,7 +86,7 @@ MUTATIONS = [
     Mutation("resume: LoRA matrices not checkpointed", BASE, "if n in trainable}", 'if n in trainable and "lora_" not in n}', RESUME, ["-k", "uninterrupted and lora"]),
     Mutation("resume: missing entries accepted", BASE, "        self.check_state(state)\n        self.model.load_state_dict", "        self.model.load_state_dict", RESUME, ["-k", "missing"]),
     Mutation("checkpoint: usage counts not saved", "smope/model.py", 'if ".experts." in f".{name}"', 'if ".experts.keys" in f".{name}" or ".experts.values" in f".{name}"', CORE),
-    Mutation("checkpoint: class statistics not saved", LEARNER, "**self.stats.state_dict(), **ridge}", "**ridge}", RESUME, ["-k", "uninterrupted and smope"]),
+    Mutation("checkpoint: class statistics not saved", LEARNER, "**self.stats.state_dict(), **self.output_head.state_dict()}", "**self.output_head.state_dict()}", RESUME, ["-k", "uninterrupted and smope"]),
     # The run loop's steps for each task
     Mutation("run loop: after-task step (usage pass) skipped", "smope/experiment.py", "            with self.routing.training_pass():\n                self.learner.after_task(ctx)\n", "", ["tests/test_experiment.py"], ["-k", "every_output"]),
     Mutation("run loop: task checkpoint not written", "smope/experiment.py", "                self.save_task(task, rows, time.time() - started)", "                pass", RESUME, ["-k", "uninterrupted and lora"]),
@@ -104,12 +105,13 @@ MUTATIONS = [
     Mutation("settings: a per-task pool smaller than the tasks accepted", "smope/methods.py", "        if self.PER_TASK and self.pool_size < tasks:", "        if False:", ["tests/test_baselines.py"], ["-k", "bad_pool_settings"]),
     Mutation("settings: a published default not checked at load", "smope/methods.py", "        if self.pool_top_k > self.pool_size:", "        if False:", ["tests/test_reliability.py"], ["-k", "cannot_honour"]),
     Mutation("settings: an inactive key kept in the run identity", "smope/methods.py", '({"rp_dim"} if self.head != "ridge" else set())', "set()", ["tests/test_run_folder.py"]),
+    Mutation("ridge: method.head=ridge never solved after a task", HEADS, "        self.ridge.update(features, labels, ctx.seed)", "        pass", ["tests/test_heads.py"], ["-k", "ridge_head_is_solved"]),
     Mutation("ridge: restored features never added to G", "smope/learners/ridge.py", "        for earlier in self.pending:", "        for earlier in []:", ["tests/test_ridge_head.py"], ["-k", "ridge_checkpoints"]),
     # Class order (the rule is Python's random.shuffle seeded by the run's seed)
     Mutation("slca: logits not normalised in the alignment", "smope/learners/slca.py", "        if logit_norm > 0:", "        if False:", SLCA, ["-k", "releases_step"]),
     Mutation("slca: older class means not scaled", "smope/learners/slca.py", "return features + (scale[labels] - 1).unsqueeze(1) * stats.mean[labels]", "return features", SLCA, ["-k", "releases_step"]),
     Mutation("slca: a zero backbone rate still trains the backbone", "smope/learners/slca.py", "if config.method.slca_backbone_lr == 0:", "if False:", SLCA, ["-k", "zero_backbone"]),
-    Mutation("aligned-head: alignment skipped", "smope/learners/frozen_backbone.py", "if ctx.task > 0 and self.config.method.align:", "if False:", ["tests/test_baselines.py"], ["-k", "aligned_head_is"]),
+    Mutation("aligned-head: alignment skipped", "smope/learners/frozen_backbone.py", "self.output_head.after_task(ctx, features, labels, self.stats)", "", ["tests/test_baselines.py"], ["-k", "aligned_head_is"]),
     Mutation("schedule: step rule ignores its milestones", "smope/schedule.py", "return 0.1 ** sum(epoch >= milestone for milestone in milestones)", "return 1.0", ["tests/test_protocol.py"], ["-k", "step_is"]),
     Mutation("class order: another seed", "smope/data/scenario.py", "random.Random(seed).shuffle(order)", "random.Random(seed + 1).shuffle(order)", ["tests/test_class_order.py"]),
 ]

@@ -4,7 +4,8 @@ After each task the learner stores the mean and the spread of every new class's 
 from the second task on it retrains only the head on features sampled from those Gaussians
 for every class seen so far. This replaces a replay buffer: no image is kept.
 
-The spread is either the per-dimension variance ("diag") or the full covariance ("full").
+The spread is either the per-dimension variance (:class:`DiagonalStatistics`, ``diag``) or the full
+covariance (:class:`FullCovarianceStatistics`, ``full``).
 Where classes differ only along correlated directions (small features, few classes per
 task), a diagonal Gaussian fills the space between them with noise and the aligned head
 cannot separate them; the full covariance keeps that structure at ``d x d`` floats per class.
@@ -16,6 +17,7 @@ checkpoint in turn.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -38,42 +40,122 @@ VARIANCE_FLOOR = 1e-4
 """Added to every variance (diag) or to the covariance's diagonal (full) before sampling."""
 
 
-class ClassStatistics:
-    """Per-class feature mean and variance (or covariance), kept as tensors so checkpoints carry them.
+class ClassStatistics(ABC):
+    """Per-class feature mean and spread, kept as tensors so checkpoints carry them.
 
     They live on ``device`` (the training device), where alignment samples from them: sampled
-    features never cross to the host. A full covariance's Cholesky factor is computed once per
-    class and task, at the first draw after its statistics arrived (an update or a checkpoint).
+    features never cross to the host. The subclasses differ only in the spread
+    (:class:`DiagonalStatistics`, :class:`FullCovarianceStatistics`); :func:`class_statistics`
+    chooses one from ``method.align_covariance``.
     """
 
-    def __init__(self, num_classes: int, dim: int, covariance: str = "diag", device: torch.device | str = "cpu") -> None:
-        if covariance not in ("diag", "full"):
-            raise ValueError(f"covariance must be 'diag' or 'full', got {covariance!r}")
-        self.covariance = covariance
+    spread_key: str
+    """The checkpoint entry of the spread, after the prefix."""
+
+    def __init__(self, num_classes: int, dim: int, device: torch.device | str = "cpu") -> None:
         self.mean = torch.zeros(num_classes, dim, device=device)
-        self.var = torch.zeros(num_classes, dim, device=device)  # diag mode only
-        self.cov: dict[int, torch.Tensor] = {}  # full mode: label -> (dim, dim), only for classes seen
         self.count = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.latest: list[int] = []  # labels of the last update: what the next checkpoint stores
-        self._factors: dict[int, torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
         return self.mean.device
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Mean of each label's rows, and their population variance (diag) or unbiased covariance (full)."""
+        """Mean and spread of each label's rows."""
         features, labels = features.to(self.device), labels.to(self.device)
         self.latest = sorted(labels.unique().tolist())
         for label in self.latest:
             rows = features[labels == label].float()
             self.mean[label] = rows.mean(0)
             self.count[label] = len(rows)
-            if self.covariance == "full":
-                self.cov[label] = torch.cov(rows.T, correction=1 if len(rows) > 1 else 0)
-                self._factors.pop(label, None)
-            else:
-                self.var[label] = rows.var(0, unbiased=False)
+            self.store_spread(label, rows)
+
+    def sample(self, classes: range, per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``per_class`` features from each class's Gaussian for every class in ``classes``, grouped by class.
+
+        ``generator`` lives on :attr:`device`; on the CPU the draws are those of a CPU generator with the same seed.
+        """
+        labels = torch.arange(classes.start, classes.stop, device=self.device).repeat_interleave(per_class)
+        noise = torch.randn(len(labels), self.mean.shape[1], generator=generator, device=self.device)
+        return self.mean[labels] + self.spread(noise, classes, labels), labels
+
+    def stored_means(self, classes: range) -> torch.Tensor:
+        """The means of ``classes``, one row each."""
+        return self.mean[classes.start : classes.stop]
+
+    def state_dict(self, prefix: str = "class_stats.") -> dict[str, torch.Tensor]:
+        """The statistics of the classes of the last update only (one task's classes)."""
+        rows = torch.tensor(self.latest, dtype=torch.int64, device=self.device)
+        state = {f"{prefix}classes": rows, f"{prefix}mean": self.mean[rows], f"{prefix}count": self.count[rows]}
+        state[f"{prefix}{self.spread_key}"] = self.spread_state(rows)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "class_stats.") -> None:
+        """Merge one checkpoint's classes into these statistics (earlier classes are kept)."""
+        rows = state[f"{prefix}classes"]
+        self.latest = rows.tolist()
+        rows = rows.to(self.device)
+        self.mean[rows] = state[f"{prefix}mean"].to(self.device, torch.float32)
+        self.count[rows] = state[f"{prefix}count"].to(self.device)
+        self.load_spread(rows, state[f"{prefix}{self.spread_key}"])
+
+    @abstractmethod
+    def store_spread(self, label: int, rows: torch.Tensor) -> None:
+        """Keep the spread of one class's feature rows."""
+
+    @abstractmethod
+    def spread(self, noise: torch.Tensor, classes: range, labels: torch.Tensor) -> torch.Tensor:
+        """Standard normal ``noise`` (one row per entry of ``labels``, grouped by class) shaped by each class's spread."""
+
+    @abstractmethod
+    def spread_state(self, rows: torch.Tensor) -> torch.Tensor:
+        """The spread of the classes ``rows`` (the last update's), as one checkpoint tensor."""
+
+    @abstractmethod
+    def load_spread(self, rows: torch.Tensor, spread: torch.Tensor) -> None:
+        """Take the spread of the classes ``rows`` from a checkpoint tensor of :meth:`spread_state`."""
+
+
+class DiagonalStatistics(ClassStatistics):
+    """Mean and population variance per dimension: ``d`` floats per class, correlations dropped."""
+
+    spread_key = "var"
+
+    def __init__(self, num_classes: int, dim: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(num_classes, dim, device)
+        self.var = torch.zeros(num_classes, dim, device=device)
+
+    def store_spread(self, label: int, rows: torch.Tensor) -> None:
+        self.var[label] = rows.var(0, unbiased=False)
+
+    def spread(self, noise: torch.Tensor, classes: range, labels: torch.Tensor) -> torch.Tensor:
+        return noise * (self.var[labels] + VARIANCE_FLOOR).sqrt()
+
+    def spread_state(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.var[rows]
+
+    def load_spread(self, rows: torch.Tensor, spread: torch.Tensor) -> None:
+        self.var[rows] = spread.to(self.device, torch.float32)
+
+
+class FullCovarianceStatistics(ClassStatistics):
+    """Mean and unbiased covariance: ``d x d`` floats per class, kept only for the classes seen.
+
+    A covariance's Cholesky factor is computed once per class and task, at the first draw after
+    its statistics arrived (an update or a checkpoint).
+    """
+
+    spread_key = "cov"
+
+    def __init__(self, num_classes: int, dim: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(num_classes, dim, device)
+        self.cov: dict[int, torch.Tensor] = {}  # label -> (dim, dim)
+        self._factors: dict[int, torch.Tensor] = {}
+
+    def store_spread(self, label: int, rows: torch.Tensor) -> None:
+        self.cov[label] = torch.cov(rows.T, correction=1 if len(rows) > 1 else 0)
+        self._factors.pop(label, None)
 
     def _factorize(self, classes: range) -> None:
         """Cholesky factors of the covariances plus the floor of the classes that lack one, in float64, in one batched call."""
@@ -84,43 +166,31 @@ class ClassStatistics:
         factors = torch.linalg.cholesky(torch.stack([self.cov[label] for label in labels]).double() + eye).float()
         self._factors.update(zip(labels, factors))
 
-    def sample(self, classes: range, per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``per_class`` features from each class's Gaussian for every class in ``classes``, grouped by class.
-
-        ``generator`` lives on :attr:`device`; on the CPU the draws are those of a CPU generator with the same seed.
-        """
-        labels = torch.arange(classes.start, classes.stop, device=self.device).repeat_interleave(per_class)
-        noise = torch.randn(len(labels), self.mean.shape[1], generator=generator, device=self.device)
-        if self.covariance == "diag":
-            return self.mean[labels] + noise * (self.var[labels] + VARIANCE_FLOOR).sqrt(), labels
+    def spread(self, noise: torch.Tensor, classes: range, labels: torch.Tensor) -> torch.Tensor:
         self._factorize(classes)
         factors = torch.stack([self._factors[c] for c in classes])  # (C, d, d)
-        spread = torch.bmm(noise.view(len(classes), per_class, -1), factors.transpose(1, 2))
-        return self.mean[labels] + spread.reshape(len(labels), -1), labels
+        return torch.bmm(noise.view(len(classes), -1, noise.shape[1]), factors.transpose(1, 2)).reshape(len(labels), -1)
 
-    def state_dict(self, prefix: str = "class_stats.") -> dict[str, torch.Tensor]:
-        """The statistics of the classes of the last update only (one task's classes)."""
-        rows = torch.tensor(self.latest, dtype=torch.int64, device=self.device)
-        state = {f"{prefix}classes": rows, f"{prefix}mean": self.mean[rows], f"{prefix}count": self.count[rows]}
-        if self.covariance == "full":
-            state[f"{prefix}cov"] = torch.stack([self.cov[c] for c in self.latest]) if self.latest else torch.zeros(0, *self.mean.shape[1:] * 2)
-        else:
-            state[f"{prefix}var"] = self.var[rows]
-        return state
+    def spread_state(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.cov[c] for c in self.latest]) if self.latest else torch.zeros(0, *self.mean.shape[1:] * 2)
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "class_stats.") -> None:
-        """Merge one checkpoint's classes into these statistics (earlier classes are kept)."""
-        rows = state[f"{prefix}classes"]
-        self.latest = rows.tolist()
-        rows = rows.to(self.device)
-        self.mean[rows] = state[f"{prefix}mean"].to(self.device, torch.float32)
-        self.count[rows] = state[f"{prefix}count"].to(self.device)
-        if self.covariance == "full":
-            for label, cov in zip(self.latest, state[f"{prefix}cov"]):
-                self.cov[label] = cov.to(self.device, copy=True)
-                self._factors.pop(label, None)
-        else:
-            self.var[rows] = state[f"{prefix}var"].to(self.device, torch.float32)
+    def load_spread(self, rows: torch.Tensor, spread: torch.Tensor) -> None:
+        for label, cov in zip(self.latest, spread):
+            self.cov[label] = cov.to(self.device, copy=True)
+            self._factors.pop(label, None)
+
+
+COVARIANCES: dict[str, type[ClassStatistics]] = {"diag": DiagonalStatistics, "full": FullCovarianceStatistics}
+"""The statistics of each ``method.align_covariance`` value."""
+
+
+def class_statistics(covariance: str, num_classes: int, dim: int, device: torch.device | str = "cpu") -> ClassStatistics:
+    """The class statistics ``covariance`` (``diag`` or ``full``) names, for ``num_classes`` classes of ``dim`` features."""
+    try:
+        kind = COVARIANCES[covariance]
+    except KeyError:
+        raise ValueError(f"covariance must be 'diag' or 'full', got {covariance!r}") from None
+    return kind(num_classes, dim, device)
 
 
 class KeepsClassStatistics:

@@ -17,7 +17,7 @@ from ..backbones import frozen_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from ..vit import pooled_features
-from .alignment import ClassStatistics
+from .alignment import DiagonalStatistics
 from .base import Learner, TaskContext
 from .frozen_backbone import cosine_to_means
 from .smope_learner import FirstTaskPrompt, without_unused_statistics
@@ -33,7 +33,7 @@ class APERLearner(Learner):
         self.adapter = FirstTaskPrompt(config, num_classes, self.trainer)
         self.model = self.adapter.model
         self.frozen = frozen_backbone(config.model, self.device)
-        self.stats = ClassStatistics(num_classes, self.frozen.num_features + self.model.num_features, device=self.device)
+        self.stats = DiagonalStatistics(num_classes, self.frozen.num_features + self.model.num_features, self.device)
 
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
         """[frozen ; adapted] class-token features: the generalisable and the adapted view of the image."""

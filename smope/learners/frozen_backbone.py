@@ -15,8 +15,9 @@ from ..backbones import frozen_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from ..vit import unfreeze_classifier
-from .alignment import ClassStatistics, KeepsClassStatistics, align_after_task
+from .alignment import ClassStatistics, DiagonalStatistics, KeepsClassStatistics, class_statistics
 from .base import Learner, TaskContext, cross_entropy_on
+from .heads import AlignedLinearHead
 
 
 def cosine_to_means(features: torch.Tensor, stats: ClassStatistics) -> torch.Tensor:
@@ -37,7 +38,7 @@ class PrototypeLearner(Learner):
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         self.model = frozen_backbone(config.model, self.device)
-        self.stats = ClassStatistics(num_classes, self.model.num_features, device=self.device)
+        self.stats = DiagonalStatistics(num_classes, self.model.num_features, self.device)
 
     def train_task(self, ctx: TaskContext) -> None:
         self.stats.update(*self.features_and_labels(ctx.train_data, self.model))
@@ -87,11 +88,11 @@ class AlignedHeadLearner(KeepsClassStatistics, HeadOnlyLearner):
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
-        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance, self.device)
+        self.stats = class_statistics(config.method.align_covariance, num_classes, self.model.num_features, self.device)
+        self.output_head = AlignedLinearHead(self.model.get_classifier(), config, self.trainer)
 
     def train_task(self, ctx: TaskContext) -> None:
         features, labels = self.features_and_labels(ctx.train_data, self.pooled_features)
         self.train_head(ctx, features, labels)
         self.stats.update(features, labels)
-        if ctx.task > 0 and self.config.method.align:
-            align_after_task(self.model.get_classifier(), self.stats, ctx, self.config.method, self.config.train.batch_size, self.trainer)
+        self.output_head.after_task(ctx, features, labels, self.stats)

@@ -56,7 +56,7 @@ from torch.utils.data import TensorDataset
 
 from ..runconfig import RunConfig
 from ..trainer import Trainer
-from .alignment import VARIANCE_FLOOR, ClassStatistics, align_head
+from .alignment import VARIANCE_FLOOR, ClassStatistics, align_head, class_statistics
 from .base import TaskContext, cross_entropy_on
 from .prefix import Prefix, PrefixAttention, PromptPool, split_prefix
 from .prompt_pool import BackboneShape, PromptPoolLearner
@@ -72,8 +72,8 @@ class CentroidStatistics:
     """Per class, k-means centroids of its features with each cluster's per-dimension variance.
 
     The interface of :class:`~smope.learners.alignment.ClassStatistics` (``update``, ``sample``,
-    checkpoint state of the last update's classes). Clusters of one feature (variance 0) are
-    not sampled, as in the release.
+    ``stored_means``, checkpoint state of the last update's classes). Clusters of one feature
+    (variance 0) are not sampled, as in the release.
     """
 
     def __init__(self, num_classes: int, dim: int, centroids: int) -> None:
@@ -133,13 +133,7 @@ Statistics = CentroidStatistics | ClassStatistics
 def make_statistics(kind: str, num_classes: int, dim: int, centroids: int) -> Statistics:
     if kind == "centroids":
         return CentroidStatistics(num_classes, dim, centroids)
-    return ClassStatistics(num_classes, dim, kind)
-
-
-def stored_means(stats: Statistics, classes: range) -> torch.Tensor:
-    if isinstance(stats, CentroidStatistics):
-        return stats.stored_means(classes)
-    return stats.mean[classes.start : classes.stop]
+    return class_statistics(kind, num_classes, dim)
 
 
 def contrastive_loss(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
@@ -302,7 +296,7 @@ class HiDePromptLearner(PromptPoolLearner):
 
     def train_prompt(self, ctx: TaskContext) -> None:
         criterion, weight = cross_entropy_on(ctx.classes), self.config.method.hide_contrastive_weight
-        means = stored_means(self.stats, range(ctx.classes.start)).to(self.device)
+        means = self.stats.stored_means(range(ctx.classes.start)).to(self.device)
 
         def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             self.model.train()

@@ -30,7 +30,7 @@ from ..backbones import create_backbone
 from ..runconfig import RunConfig
 from ..trainer import Trainer
 from ..vit import trainable_outside, unfreeze_classifier
-from .alignment import ClassStatistics, KeepsClassStatistics, epoch_cosine, sampled_batches
+from .alignment import ClassStatistics, FullCovarianceStatistics, KeepsClassStatistics, epoch_cosine, sampled_batches
 from .base import Learner, TaskContext, training_loss
 
 MOMENTUM = 0.9  # SLCA's release
@@ -91,7 +91,7 @@ class SLCALearner(KeepsClassStatistics, Learner):
         if config.method.slca_backbone_lr == 0:  # the ablation without the slow learner: only the head trains
             self.model.requires_grad_(False)
             unfreeze_classifier(self.model)
-        self.stats = ClassStatistics(num_classes, self.model.num_features, "full", self.device)
+        self.stats = FullCovarianceStatistics(num_classes, self.model.num_features, self.device)
 
     @property
     def head(self) -> torch.nn.Module:

@@ -26,8 +26,9 @@ from ..model import (
 from ..runconfig import RunConfig, TrainConfig
 from ..trainer import Trainer
 from ..vit import trainable_outside
-from .alignment import ClassStatistics, align_after_task
+from .alignment import class_statistics
 from .base import Learner, TaskContext, training_loss
+from .heads import prompt_head
 from .ridge import RidgeHead
 
 
@@ -105,13 +106,13 @@ class FirstTaskPrompt:
 
 
 class PromptLearner(Learner):
-    """Shared machinery of learners built on prompt experts plus a linear head with alignment."""
+    """Shared machinery of learners built on prompt experts plus a head (:mod:`smope.learners.heads`, ``method.head``)."""
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
         self.model = prompted_backbone(config, num_classes, self.device)
-        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance, self.device)
-        self.ridge = RidgeHead(self.model.num_features, num_classes, config.method.rp_dim) if config.method.head == "ridge" else None
+        self.stats = class_statistics(config.method.align_covariance, num_classes, self.model.num_features, self.device)
+        self.output_head = prompt_head(config, self.model, num_classes, self.trainer)
 
     def param_groups(self) -> list[dict]:
         return prompt_param_groups(self.model, self.config.train)
@@ -121,7 +122,7 @@ class PromptLearner(Learner):
         self.trainer.fit(self.param_groups(), ctx.train_data, epochs, loss_fn, ctx.seed, description)
 
     def after_task(self, ctx: TaskContext) -> None:
-        """Usage pass, then class statistics with the final counts, then classifier alignment.
+        """Usage pass, then class statistics with the final counts, then the head's update (alignment or the ridge solve).
 
         Two sweeps, not one: evaluation-mode routing reads the usage counts, so statistics taken
         while the counts still grow would depend on the order of the batches. Both route with
@@ -133,12 +134,7 @@ class PromptLearner(Learner):
             self.merge_usage(usage_before)
             features, labels = self.features_and_labels(ctx.train_data, self.pooled_features)
         self.stats.update(features, labels)
-        if self.ridge is not None:  # method.head=ridge: the analytic head replaces the trained one and its alignment
-            self.ridge.update(features, labels, ctx.seed)
-            return
-        method = self.config.method
-        if ctx.task > 0 and method.align:
-            align_after_task(self.head, self.stats, ctx, method, self.config.train.batch_size, self.trainer)
+        self.output_head.after_task(ctx, features, labels, self.stats)
 
     def after_task_eval_noise(self) -> float | None:
         """The evaluation noise of the after-task passes; None: the layers' own (a dense prompt has no such setting)."""
@@ -172,22 +168,21 @@ class PromptLearner(Learner):
             layer.experts.counts.copy_(counts)
 
     @property
-    def head(self) -> nn.Module:
-        return self.model.get_classifier()
+    def ridge(self) -> RidgeHead | None:
+        """:attr:`Head.ridge <smope.learners.heads.Head.ridge>` of the head, read by the run's narrow-projection warning."""
+        return self.output_head.ridge
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return super().logits(images) if self.ridge is None else self.ridge.logits(self.eval_features(images))
+        return self.output_head.logits(self, images)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        ridge = {} if self.ridge is None else self.ridge.state_dict()
-        return {**self.model.adapter_state_dict(), **self.stats.state_dict(), **ridge}
+        return {**self.model.adapter_state_dict(), **self.stats.state_dict(), **self.output_head.state_dict()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.check_state(state)
         self.stats.load_state_dict(state)
-        if self.ridge is not None:
-            self.ridge.load_state_dict(state)
+        self.output_head.load_state_dict(state)
         self.model.load_adapter_state_dict({k: v for k, v in state.items() if k.startswith(PEFT_KEY_PREFIX)})
 
 

@@ -38,8 +38,9 @@ from torch import nn
 
 from ..runconfig import RunConfig
 from ..trainer import Trainer
-from .alignment import ClassStatistics, KeepsClassStatistics, align_after_task
+from .alignment import KeepsClassStatistics, class_statistics
 from .base import TaskContext
+from .heads import AlignedLinearHead
 from .prefix import Prefix, PromptPool, split_prefix
 from .prompt_pool import BackboneShape, PromptPoolLearner
 
@@ -81,7 +82,8 @@ class VQPromptLearner(KeepsClassStatistics, PromptPoolLearner):
 
     def __init__(self, config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> None:
         super().__init__(config, num_classes, trainer)
-        self.stats = ClassStatistics(num_classes, self.model.num_features, config.method.align_covariance)
+        self.stats = class_statistics(config.method.align_covariance, num_classes, self.model.num_features)
+        self.output_head = AlignedLinearHead(self.model.get_classifier(), config, self.trainer)
 
     def build_pool(self, shape: BackboneShape) -> PromptPool:
         method = self.config.method
@@ -102,6 +104,4 @@ class VQPromptLearner(KeepsClassStatistics, PromptPoolLearner):
         """Class statistics of the prompted features, then (from the second task) the head realigned on samples of them."""
         features, labels = self.features_and_labels(ctx.train_data, self.pooled_features)
         self.stats.update(features, labels)
-        method = self.config.method
-        if ctx.task > 0 and method.align:
-            align_after_task(self.model.get_classifier(), self.stats, ctx, method, self.config.train.batch_size, self.trainer)
+        self.output_head.after_task(ctx, features, labels, self.stats)
