@@ -68,11 +68,10 @@ def run_config(config_path: Path, method: str, seeds: list[int], out: Path, over
 def measure(config: RunConfig) -> dict:
     """Inference images/s of the finished run (first seed, last task) and the method's forward GFLOPs."""
     seed_run = SeedRun(config, config.seeds[0], Path(config.output_dir))
-    seed_run.build()
-    last = seed_run.scenario.num_tasks - 1
-    seed_run.restore(last)
+    last = config.data.num_tasks - 1
+    seed_run.build(restore=last)
     learner = seed_run.learner
-    test = learner.trainer.loader(seed_run.scenario.test_dataset_upto(last), config.train.eval_batch_size, shuffle=False)
+    test = seed_run.loader(seed_run.scenario.test_dataset_upto(last))
     batches = [images for images, _ in test]
     learner.logits(batches[0])  # warm-up: first-call allocations are not throughput
     started = time.perf_counter()

@@ -199,13 +199,13 @@ def evaluation(root: Path, classes: int, per_class: int, workers: int, repeats: 
     old_scenario = ClassIncrementalScenario(seed_run.data.train, TensorImages(images, labels, float_view.classes), 10, 0)
     last, batch = scenario.num_tasks - 1, config.train.eval_batch_size
     before = todays_evaluate(learner, old_scenario, last, workers, batch)
-    after = evaluate(learner, scenario, last, False)
+    after = evaluate(learner, seed_run.trainer, scenario, last, False)
     if before != after:
         raise AssertionError(f"the two evaluations disagree: {before} vs {after}")
     old, new = [], []
     for _ in range(repeats):  # interleaved, so both see the same machine load
         old.append(timed_with_device_work(learner, lambda: todays_evaluate(learner, old_scenario, last, workers, batch)))
-        new.append(timed_with_device_work(learner, lambda: evaluate(learner, scenario, last, False)))
+        new.append(timed_with_device_work(learner, lambda: evaluate(learner, seed_run.trainer, scenario, last, False)))
     (old_s, old_device), (new_s, new_device) = min(old), min(new)
     return {
         "test_images": len(raw_test),

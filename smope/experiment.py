@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -36,7 +37,7 @@ from .routing import RoutingTracker, collapse_warnings, combine_routing
 from .runconfig import RunConfig, acting_dict
 from .rundir import RunDir, comparable, log_entry, run_identity
 from .stability import is_gated, routing_stability
-from .trainer import bar_disabled, resolve_device, resolve_precision
+from .trainer import DeviceBatches, Trainer, bar_disabled, resolve_device, resolve_precision
 from .vit import count_parameters
 
 
@@ -46,6 +47,7 @@ def task_seed(seed: int, task: int) -> int:
 
 def evaluate(
     learner: Learner,
+    trainer: Trainer,
     scenario: ClassIncrementalScenario,
     task: int,
     progress: bool | None,
@@ -61,7 +63,7 @@ def evaluate(
     seen = scenario.seen_classes(task)
     task_of_label = torch.tensor([t for t in range(task + 1) for _ in scenario.task_classes(t)])
     counts = torch.zeros(task + 1, 2, dtype=torch.int64)  # correct, total
-    batches = learner.trainer.loader(scenario.test_dataset_upto(task), learner.config.train.eval_batch_size, shuffle=False)
+    batches = trainer.loader(scenario.test_dataset_upto(task), learner.config.train.eval_batch_size, shuffle=False)
     for images, labels in tqdm(batches, desc=f"evaluate after task {task + 1}", disable=bar_disabled(progress), leave=False):
         predictions = learner.logits(images)[:, : seen.stop].argmax(-1).cpu()
         tasks = task_of_label[labels]
@@ -85,6 +87,140 @@ def load_learner_state(learner: Learner, run_dir: RunDir, seed: int, task: int, 
     return meta
 
 
+def new_learner(config: RunConfig, seed: int, num_classes: int, trainer: Trainer) -> Learner:
+    """The learner of ``seed`` before its first task; the RNG as the run seeded it, so random initialisations come back the same."""
+    torch.manual_seed(task_seed(seed, 0))  # model initialisation (random heads, prompts, model.weights=none)
+    return create_learner(config, num_classes, trainer)
+
+
+def restore_learner(config: RunConfig, run_dir: RunDir, seed: int, task: int, num_classes: int, trainer: Trainer) -> tuple[Learner, dict]:
+    """The learner of ``seed`` as its run left it after ``task``, and that checkpoint's metadata.
+
+    The one way every reader of a trained run (``smope eval``, ``predict``, ``export``,
+    ``report``, the benchmarks) gets its model back: built as the run built it, then its
+    checkpoints 0..task loaded.
+    """
+    learner = new_learner(config, seed, num_classes, trainer)
+    return learner, load_learner_state(learner, run_dir, seed, task)
+
+
+class RunPlugin:
+    """An object the task loop tells what it does, at named points (in the spirit of Avalanche's strategy plugins).
+
+    The loop itself only trains, evaluates and hands over; what a run records around that
+    (routing analytics, loggers, checkpoints) lives in plugins, so the loop reads as the
+    protocol. For each task, in order: :meth:`before_task`, :meth:`training_step` after every
+    optimiser step, :meth:`after_training`, the learner's usage pass between
+    :meth:`before_usage_pass` and :meth:`after_usage_pass`, the learner's ``after_task``,
+    :meth:`before_evaluation`, :meth:`after_eval_batch` per test batch, :meth:`after_evaluation`,
+    :meth:`after_task`. Every hook does nothing unless a plugin overrides it.
+    """
+
+    def before_task(self, run: SeedRun, ctx: TaskContext) -> None:
+        pass
+
+    def training_step(self, description: str, loss: float, learning_rates: list[float]) -> None:
+        pass
+
+    def after_training(self, run: SeedRun, ctx: TaskContext) -> None:
+        pass
+
+    def before_usage_pass(self, run: SeedRun, ctx: TaskContext) -> None:
+        pass
+
+    def after_usage_pass(self, run: SeedRun, ctx: TaskContext) -> None:
+        pass
+
+    def before_evaluation(self, run: SeedRun, task: int) -> None:
+        pass
+
+    def after_eval_batch(self, run: SeedRun, test_tasks: torch.Tensor) -> None:
+        pass
+
+    def after_evaluation(self, run: SeedRun, task: int, accuracy: list[float]) -> None:
+        pass
+
+    def after_task(self, run: SeedRun, task: int, rows: list[list[float]], seconds: float) -> None:
+        pass
+
+
+class EvaluationAnalytics(RunPlugin):
+    """A tracker that reads the model on the test forwards of each task (prompt choices; routing extends it)."""
+
+    def __init__(self, tracker: PromptChoiceTracker | RoutingTracker) -> None:
+        self.tracker = tracker
+
+    def before_evaluation(self, run: SeedRun, task: int) -> None:
+        self.tracker.begin_evaluation(task)
+
+    def after_eval_batch(self, run: SeedRun, test_tasks: torch.Tensor) -> None:
+        self.tracker.observe_test(test_tasks)
+
+    def after_evaluation(self, run: SeedRun, task: int, accuracy: list[float]) -> None:
+        self.tracker.end_evaluation()
+
+
+class RoutingAnalytics(EvaluationAnalytics):
+    """:class:`~smope.routing.RoutingTracker` on the loop: training steps, the usage pass and the test forwards of each task."""
+
+    def __init__(self, tracker: RoutingTracker) -> None:
+        super().__init__(tracker)
+        self.watching = contextlib.ExitStack()
+
+    def before_task(self, run: SeedRun, ctx: TaskContext) -> None:
+        self.watching.enter_context(self.tracker.training_steps())
+
+    def after_training(self, run: SeedRun, ctx: TaskContext) -> None:
+        self.watching.close()
+
+    def before_usage_pass(self, run: SeedRun, ctx: TaskContext) -> None:
+        self.watching.enter_context(self.tracker.usage_pass())
+
+    def after_usage_pass(self, run: SeedRun, ctx: TaskContext) -> None:
+        self.watching.close()
+
+
+class Logging(RunPlugin):
+    """The seed's :class:`~smope.loggers.RunLoggers`: every training step, and each task's accuracy with its routing numbers."""
+
+    def __init__(self, loggers: RunLoggers) -> None:
+        self.loggers = loggers
+
+    def training_step(self, description: str, loss: float, learning_rates: list[float]) -> None:
+        self.loggers.training_step(description, loss, learning_rates)
+
+    def after_evaluation(self, run: SeedRun, task: int, accuracy: list[float]) -> None:
+        self.loggers.task_finished(task, accuracy, run.routing.latest_scalars())
+
+
+class CheckpointWriter(RunPlugin):
+    """After each task on the main process: the checkpoint (chained to the previous task's file), log line and message."""
+
+    def after_task(self, run: SeedRun, task: int, rows: list[list[float]], seconds: float) -> None:
+        if not distributed.is_main():  # every process holds the same state and rows
+            return
+        previous = run.run_dir.checkpoint(run.seed, task - 1) if task > 0 else None
+        meta = {
+            **chain_link(run.run_id, run.seed, task, previous),
+            "config": comparable(acting_dict(run.config)),  # what run_id hashes, so a mismatch can say what differs
+            "accuracy_matrix": rows,
+            "num_tasks": run.scenario.num_tasks,
+            "seconds": round(seconds, 2),
+        }
+        if run.routing.enabled:
+            meta["routing"] = run.routing.checkpoint_meta()
+        if run.choices.enabled:
+            meta["prompt_choice"] = run.choices.checkpoint_meta()
+        save_checkpoint(run.run_dir.checkpoint(run.seed, task), run.learner.state_dict(), meta)
+        entry = log_entry(meta)
+        run.run_dir.append_log(entry)
+        where = f"seed {run.seed} task {task + 1}/{run.scenario.num_tasks}"
+        tqdm.write(f"{where}: average accuracy {entry['average_accuracy']:.2f}% ({seconds:.0f}s)")
+        if run.routing.enabled and is_gated(run.learner.model):
+            for line in collapse_warnings(run.routing.records, run.routing.names, run.routing.layers[0].top_k):
+                tqdm.write(f"{where}: {line}")
+
+
 class SeedRun:
     """One seed of an experiment: learner, scenario and the per-task loop with resume."""
 
@@ -92,18 +228,28 @@ class SeedRun:
         self.config, self.seed = config, seed
         self.run_dir = out if isinstance(out, RunDir) else RunDir(out)
         self.data = data
+        self.trainer: Trainer | None = None
         self.learner: Learner | None = None
         self.scenario: ClassIncrementalScenario | None = None
         self.run_id: str | None = None
         self.routing: RoutingTracker | None = None
         self.choices: PromptChoiceTracker | None = None
+        self.plugins: list[RunPlugin] = []
 
-    def build(self) -> None:
-        """Learner and scenario; the first seed also loads and transforms the data for the backbone."""
+    def build(self, restore: int | None = None) -> dict | None:
+        """Trainer, learner and scenario; the first seed also loads and transforms the data for the backbone.
+
+        With ``restore``, the learner is the one the run left after that task
+        (:func:`restore_learner`) and the checkpoint's metadata is returned.
+        """
         raw = None if self.data is not None else load_splits(self.config)
         num_classes = self.data.num_classes if raw is None else len(raw[0].classes)
-        torch.manual_seed(task_seed(self.seed, 0))  # model initialisation (random heads, prompts)
-        self.learner = create_learner(self.config, num_classes)
+        self.trainer = Trainer(self.config, on_step=self.training_step)
+        meta = None
+        if restore is None:
+            self.learner = new_learner(self.config, self.seed, num_classes, self.trainer)
+        else:
+            self.learner, meta = restore_learner(self.config, self.run_dir, self.seed, restore, num_classes, self.trainer)
         ridge = getattr(self.learner, "ridge", None)
         if ridge is not None and distributed.is_main() and self.seed == self.config.seeds[0]:
             warning = narrow_projection(*ridge.projection.shape)
@@ -112,12 +258,13 @@ class SeedRun:
         if self.config.train.compile:
             self.learner.compile()
         if raw is not None:
-            self.data = prepare_data(self.config, self.learner.model, *raw, num_workers=self.learner.trainer.num_workers)
-        self.learner.trainer.pixel_norm = self.data.pixel_norm
+            self.data = prepare_data(self.config, self.learner.model, *raw, num_workers=self.trainer.num_workers)
+        self.trainer.pixel_norm = self.data.pixel_norm
         data = self.config.data
         self.scenario = ClassIncrementalScenario(self.data.train, self.data.test, data.num_tasks, self.seed, data.first_task_classes)
         self.routing = RoutingTracker(self.learner.model)
         self.choices = PromptChoiceTracker(self.learner.model)
+        return meta
 
     def test_sizes(self) -> list[int]:
         return [len(self.scenario.test_dataset(t)) for t in range(self.scenario.num_tasks)]
@@ -129,32 +276,14 @@ class SeedRun:
         """Routing stability of the current model on every task's test images (:mod:`smope.stability`)."""
         batch = self.config.train.eval_batch_size
         tests = [self.scenario.test_dataset(t) for t in range(self.scenario.num_tasks)]
-        return routing_stability(self.learner.eval_features, self.learner.model, tests, lambda d: self.learner.trainer.loader(d, batch, shuffle=False))
+        return routing_stability(self.learner.eval_features, self.learner.model, tests, lambda d: self.trainer.loader(d, batch, shuffle=False))
+
+    def loader(self, data: Dataset) -> DeviceBatches:
+        """Unshuffled batches of ``data`` at ``train.eval_batch_size`` on the run's device: test images for the analyses."""
+        return self.trainer.loader(data, self.config.train.eval_batch_size, shuffle=False)
 
     def chain(self) -> Chain:
         return self.run_dir.chain(self.seed)
-
-    def save_task(self, task: int, rows: list[list[float]], seconds: float) -> None:
-        """Checkpoint (chained to the previous task's file), log line and message of a finished task."""
-        previous = self.run_dir.checkpoint(self.seed, task - 1) if task > 0 else None
-        meta = {
-            **chain_link(self.run_id, self.seed, task, previous),
-            "config": comparable(acting_dict(self.config)),  # what run_id hashes, so a mismatch can say what differs
-            "accuracy_matrix": rows,
-            "num_tasks": self.scenario.num_tasks,
-            "seconds": round(seconds, 2),
-        }
-        if self.routing.enabled:
-            meta["routing"] = self.routing.checkpoint_meta()
-        if self.choices.enabled:
-            meta["prompt_choice"] = self.choices.checkpoint_meta()
-        save_checkpoint(self.run_dir.checkpoint(self.seed, task), self.learner.state_dict(), meta)
-        entry = log_entry(meta)
-        self.run_dir.append_log(entry)
-        tqdm.write(f"seed {self.seed} task {task + 1}/{self.scenario.num_tasks}: average accuracy {entry['average_accuracy']:.2f}% ({seconds:.0f}s)")
-        if self.routing.enabled and is_gated(self.learner.model):
-            for line in collapse_warnings(self.routing.records, self.routing.names, self.routing.layers[0].top_k):
-                tqdm.write(f"seed {self.seed} task {task + 1}/{self.scenario.num_tasks}: {line}")
 
     def run(self) -> dict:
         chain = self.chain()
@@ -170,19 +299,23 @@ class SeedRun:
             with self.run_dir.locked():  # seed-parallel processes share provenance.json
                 record_seed(self.run_dir.path, self.config, self.seed, self.scenario, self.data.split_file, self.data.source)
         loggers = RunLoggers(self.config.train.loggers if distributed.is_main() else [], self.config, self.run_dir.path, self.seed)
+        self.plugins = [RoutingAnalytics(self.routing), EvaluationAnalytics(self.choices), Logging(loggers), CheckpointWriter()]
         try:
-            return self.run_tasks(chain, loggers)
+            return self.run_tasks(chain)
         finally:
             loggers.close()
 
-    def observe_test(self, test_tasks: torch.Tensor) -> None:
-        """After each test forward: the routing and prompt-choice analytics read the model."""
-        self.routing.observe_test(test_tasks)
-        self.choices.observe_test(test_tasks)
+    def hook(self, name: str, *args) -> None:
+        """Call the hook ``name`` of every plugin, in the list's order."""
+        for plugin in self.plugins:
+            getattr(plugin, name)(self, *args)
 
-    def run_tasks(self, chain: Chain, loggers: RunLoggers) -> dict:
-        if loggers.loggers:
-            self.learner.trainer.log_step = loggers.training_step
+    def training_step(self, description: str, loss: float, learning_rates: list[float]) -> None:
+        """The trainer's per-step callback: every plugin's :meth:`RunPlugin.training_step`."""
+        for plugin in self.plugins:
+            plugin.training_step(description, loss, learning_rates)
+
+    def run_tasks(self, chain: Chain) -> dict:
         progress = self.config.train.progress
         rows: list[list[float]] = []
         if chain.length:
@@ -201,22 +334,20 @@ class SeedRun:
                 classes=self.scenario.task_classes(task),
                 seen=self.scenario.seen_classes(task),
                 task_ranges=tuple(self.scenario.task_classes(t) for t in range(task + 1)),
-                train_data=self.scenario.train_dataset(task),
+                train_data=self.learner.training_data(self.scenario, task),
                 seed=task_seed(self.seed, task),
-                all_train_data=self.scenario.all_train_dataset(),
             )
-            with self.routing.training_steps():
-                self.learner.train_task(ctx)
-            with self.routing.training_pass():
-                self.learner.after_task(ctx)
-            self.routing.begin_evaluation(task)
-            self.choices.begin_evaluation(task)
-            rows.append(evaluate(self.learner, self.scenario, task, progress, self.observe_test))
-            self.routing.end_evaluation()
-            self.choices.end_evaluation()
-            loggers.task_finished(task, rows[-1], self.routing.latest_scalars())
-            if distributed.is_main():  # every process holds the same state and rows
-                self.save_task(task, rows, time.time() - started)
+            self.hook("before_task", ctx)
+            self.learner.train_task(ctx)
+            self.hook("after_training", ctx)
+            self.hook("before_usage_pass", ctx)
+            self.learner.usage_pass(ctx)
+            self.hook("after_usage_pass", ctx)
+            self.learner.after_task(ctx)
+            self.hook("before_evaluation", task)
+            rows.append(evaluate(self.learner, self.trainer, self.scenario, task, progress, lambda tasks: self.hook("after_eval_batch", tasks)))
+            self.hook("after_evaluation", task, rows[-1])
+            self.hook("after_task", task, rows, time.time() - started)
         if self.routing.enabled and is_gated(self.learner.model):
             self.routing.stability = self.stability()
         return {"seed": self.seed, **cl_metrics.summarize(rows, self.test_sizes())}
@@ -350,7 +481,7 @@ def evaluate_run(path: Path) -> dict:
         rows = []
         for task in range(chain.length):  # in order, so each task adds only its own checkpoint
             seed_run.restore(task, first=task)
-            rows.append(evaluate(seed_run.learner, seed_run.scenario, task, config.train.progress))
+            rows.append(evaluate(seed_run.learner, seed_run.trainer, seed_run.scenario, task, config.train.progress))
         per_seed.append({"seed": seed, **cl_metrics.summarize(rows, seed_run.test_sizes())})
     if not per_seed:
         raise SmopeError(f"{path} has no task checkpoints yet: nothing to evaluate")

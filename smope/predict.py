@@ -23,12 +23,13 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
 from .data import class_order, split_classes
 from .data.prepared import load_splits, split_transform
 from .errors import SmopeError
-from .experiment import load_learner_state, task_seed
-from .learners import Learner, create_learner
+from .experiment import restore_learner
+from .learners import Learner
 from .model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, SMoPEModel, backbone_facts
 from .provenance import backbone_identity
 from .runconfig import RunConfig
 from .rundir import RunDir
+from .trainer import Trainer
 
 
 @dataclass
@@ -72,9 +73,7 @@ def load_trained_run(run_dir: str | Path, seed: int | None = None) -> TrainedRun
     run_dir.refuse_unfinished(len(tasks) == config.data.num_tasks, f"seed {seed}")
     last = run_dir.usable_chain(seed, "use").length - 1
     names, sizes = _classes(run_dir, config, seed)
-    torch.manual_seed(task_seed(seed, 0))  # as the run did: a random-weight backbone (model.weights=none) comes back the same
-    learner = create_learner(config, len(names))
-    meta = load_learner_state(learner, run_dir, seed, last)
+    learner, meta = restore_learner(config, run_dir, seed, last, len(names), Trainer(config))
     return TrainedRun(config, seed, last, learner, names, list(accumulate(sizes))[last], list(sizes), meta.get("routing"))
 
 

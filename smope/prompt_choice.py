@@ -134,15 +134,14 @@ def pool_prompt_choices(run_dir: Path, seed: int) -> dict:
     chain = run.chain()
     if not chain.length:
         raise SmopeError(f"{run_dir} has no task checkpoints for seed {seed}: nothing to count")
-    run.build()
+    run.build(restore=chain.length - 1)
     pool = getattr(run.learner.model, "pool", None)
     if not hasattr(pool, "chosen"):
         raise SmopeError(f"{run_dir} is a {config.method.name} run: its learner does not snap to pool prompts (only vq-prompt does)")
-    run.restore(chain.length - 1)
     counts = []
     for task in range(chain.length):
         per_block = torch.zeros(len(pool.layers), pool.prompts.shape[1], dtype=torch.int64)
-        for images, _ in run.learner.trainer.loader(run.scenario.test_dataset(task), config.train.eval_batch_size, shuffle=False):
+        for images, _ in run.loader(run.scenario.test_dataset(task)):
             run.learner.logits(images)
             per_block.scatter_add_(1, pool.chosen.cpu(), torch.ones_like(pool.chosen.cpu()))
         counts.append(per_block.tolist())

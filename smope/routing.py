@@ -203,8 +203,8 @@ class RoutingTracker:
         self._step_usage = distributed.all_reduce_sum(counts).cpu()
 
     @contextmanager
-    def training_pass(self) -> Iterator[None]:
-        """Around the learner's work after a task: its eval-mode forwards are the usage pass."""
+    def usage_pass(self) -> Iterator[None]:
+        """Around the learner's usage pass (:meth:`~smope.learners.Learner.usage_pass`): its counts and expert sets."""
         if not self.enabled:
             yield
             return

@@ -95,14 +95,14 @@ def adamw(param_groups: list[dict], weight_decay: float) -> torch.optim.Optimize
 class Trainer:
     """Runs optimisation and data passes for a learner with a run's ``train.*`` settings."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, on_step: Callable[[str, float, list[float]], None] | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.train.device)
         self.precision = resolve_precision(config.train.precision, self.device)
         if self.device.type == "cuda":
             use_tf32(config.train.tf32)
-        # Called after every optimiser step with (description, loss, learning rates): the run's loggers.
-        self.log_step: Callable[[str, float, list[float]], None] | None = None
+        # Called after every optimiser step with (description, loss, learning rates): the run's plugins.
+        self.on_step = on_step
         self.num_workers = resolve_workers(config.data.num_workers, self.device)
         # How uint8 batches become model inputs on the device: the prepared data's normalisation.
         self.pixel_norm: PixelNorm | None = None
@@ -250,8 +250,8 @@ class Trainer:
         for value, step in zip(values, pending):
             if guard.diverged(value):
                 raise guard.error(step.epoch + 1)
-            if self.log_step is not None:
-                self.log_step(description, value, step.lrs)
+            if self.on_step is not None:
+                self.on_step(description, value, step.lrs)
         bar.set_postfix(epoch=pending[-1].epoch + 1, loss=f"{values[-1]:.3f}")
         pending.clear()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import TINY, read_metrics
+from helpers import TINY, read_metrics, run
 
 from smope import cli
 from smope.data import load_dataset
@@ -105,3 +105,48 @@ def test_params_command_prints_the_paper_count(capsys):
     cli.main(["params", "--model", "vit_base_patch16_224", "--num-classes", "200"])
     out = capsys.readouterr().out
     assert "384,200" in out and "230,400" in out
+
+
+def test_the_loop_calls_the_plugin_hooks_in_protocol_order_and_one_usage_pass_per_task(tmp_path, monkeypatch):
+    from smope.experiment import RunPlugin, SeedRun
+    from smope.learners.smope_learner import PromptLearner
+
+    calls = []
+    original_usage_pass = PromptLearner.usage_pass
+
+    class Recorder(RunPlugin):
+        def before_task(self, run, ctx):
+            calls.append(("before_task", ctx.task))
+
+        def after_training(self, run, ctx):
+            calls.append(("after_training", ctx.task))
+
+        def before_usage_pass(self, run, ctx):
+            calls.append(("before_usage_pass", ctx.task))
+
+        def after_usage_pass(self, run, ctx):
+            calls.append(("after_usage_pass", ctx.task))
+
+        def after_evaluation(self, run, task, accuracy):
+            calls.append(("after_evaluation", task))
+
+        def after_task(self, run, task, rows, seconds):
+            calls.append(("after_task", task))
+
+    def usage_pass(learner, ctx):
+        calls.append(("usage_pass", ctx.task))
+        original_usage_pass(learner, ctx)
+
+    original_hook = SeedRun.hook
+
+    def hook(run, name, *args):
+        if not any(isinstance(p, Recorder) for p in run.plugins):
+            run.plugins.append(Recorder())
+        original_hook(run, name, *args)
+
+    monkeypatch.setattr(PromptLearner, "usage_pass", usage_pass)
+    monkeypatch.setattr(SeedRun, "hook", hook)
+    metrics = run(tmp_path / "run", "data.num_tasks=2")
+    per_task = ["before_task", "after_training", "before_usage_pass", "usage_pass", "after_usage_pass", "after_evaluation", "after_task"]
+    assert calls == [(name, task) for task in range(2) for name in per_task]
+    assert len(metrics["routing"]["per_seed"][0]["task_usage"]) == 2  # the routing analytics saw each usage pass

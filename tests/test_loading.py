@@ -92,12 +92,12 @@ def test_one_evaluation_loader_counts_each_task_like_one_loader_per_task(finishe
     per_task = []
     for j in range(last + 1):
         correct = total = 0
-        for images, labels in learner.trainer.loader(scenario.test_dataset(j), 7, shuffle=False):  # odd batches: mixed tasks
+        for images, labels in seed_run.trainer.loader(scenario.test_dataset(j), 7, shuffle=False):  # odd batches: mixed tasks
             correct += int((learner.logits(images)[:, : scenario.seen_classes(last).stop].argmax(-1).cpu() == labels).sum())
             total += len(labels)
         per_task.append(100.0 * correct / total)
     seen_tasks = []
-    assert evaluate(learner, scenario, last, False, lambda tasks: seen_tasks.append(tasks)) == per_task
+    assert evaluate(learner, seed_run.trainer, scenario, last, False, lambda tasks: seen_tasks.append(tasks)) == per_task
     assert sorted(torch.cat(seen_tasks).tolist()) == sorted(t for t in range(last + 1) for _ in scenario.test_dataset(t))
 
 

@@ -64,7 +64,7 @@ def count_host_reads(step_overhead, sync_every: int, steps: int, warmup: int) ->
         return criterion(logits[:, :4], labels) + sum(layer.aux_loss for layer in prompted_layers(model))
 
     logged = []
-    learner.trainer.log_step = lambda description, loss, lrs: logged.append(loss)
+    learner.trainer.on_step = lambda description, loss, lrs: logged.append(loss)
     # On CUDA the harness's AdamW is fused (trainer.adamw): its step counters stay on the device. On the
     # CPU the default AdamW keeps them on the host, which is no device read; fused is what a GPU runs.
     with reads:
@@ -168,7 +168,7 @@ def test_usage_pass_copies_to_the_host_once(step_overhead):
     reads = step_overhead.StepCounter()
     images = task(32).train_data.tensors[0]
     learner.model.eval()
-    with tracker.training_pass(), torch.no_grad(), reads:
+    with tracker.usage_pass(), torch.no_grad(), reads:
         reads.active = True
         for batch in images.split(8):
             learner.model(batch)

@@ -36,7 +36,7 @@ def model():
 def usage_pass(model, tracker, batches):
     """What the learner does after a task: forwards in eval mode that add to the usage counts."""
     scores = []
-    with tracker.training_pass(), torch.no_grad():
+    with tracker.usage_pass(), torch.no_grad():
         for images in batches:
             model(images)
             smope.accumulate_usage(model)
@@ -127,6 +127,6 @@ def test_set_codes_ignore_order_and_tell_sets_apart():
 
 def test_models_without_prompt_experts_have_no_routing():
     tracker = RoutingTracker(tiny_timm_vit())
-    with tracker.training_pass():
+    with tracker.usage_pass():
         pass
     assert not tracker.enabled and tracker.summary(0) is None

@@ -88,8 +88,9 @@ MUTATIONS = [
     Mutation("checkpoint: usage counts not saved", "smope/model.py", 'if ".experts." in f".{name}"', 'if ".experts.keys" in f".{name}" or ".experts.values" in f".{name}"', CORE),
     Mutation("checkpoint: class statistics not saved", LEARNER, "**self.stats.state_dict(), **self.output_head.state_dict()}", "**self.output_head.state_dict()}", RESUME, ["-k", "uninterrupted and smope"]),
     # The run loop's steps for each task
-    Mutation("run loop: after-task step (usage pass) skipped", "smope/experiment.py", "            with self.routing.training_pass():\n                self.learner.after_task(ctx)\n", "", ["tests/test_experiment.py"], ["-k", "every_output"]),
-    Mutation("run loop: task checkpoint not written", "smope/experiment.py", "                self.save_task(task, rows, time.time() - started)", "                pass", RESUME, ["-k", "uninterrupted and lora"]),
+    Mutation("run loop: after-task step skipped", "smope/experiment.py", "            self.learner.after_task(ctx)\n", "", ["tests/test_experiment.py"], ["-k", "every_output"]),
+    Mutation("run loop: task checkpoint not written", "smope/experiment.py", "        save_checkpoint(run.run_dir.checkpoint(run.seed, task), run.learner.state_dict(), meta)", "        pass", RESUME, ["-k", "uninterrupted and lora"]),
+    Mutation("run loop: usage-pass hooks not called", "smope/experiment.py", "            self.hook(\"after_usage_pass\", ctx)\n", "", ["tests/test_experiment.py"], ["-k", "plugin_hooks"]),
     # Projections around the attention
     Mutation("projection: q/k norms skipped", VIT, "return module.q_norm(q), module.k_norm(k), v", "return q, k, v", PROJECTIONS),
     Mutation("projection: output norm skipped", VIT, "out = module.norm(context", "out = (context", PROJECTIONS),

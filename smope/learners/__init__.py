@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from ..methods import BY_NAME, spec_for
 from ..runconfig import RunConfig
+from ..trainer import Trainer
 from .base import Learner, TaskContext
 
 
-def create_learner(config: RunConfig, num_classes: int) -> Learner:
-    return spec_for(config.method.name).load()(config, num_classes)
+def create_learner(config: RunConfig, num_classes: int, trainer: Trainer | None = None) -> Learner:
+    """The learner of ``config.method.name``; ``trainer`` is the run's (a learner built alone makes its own)."""
+    return spec_for(config.method.name).load()(config, num_classes, trainer)
 
 
 def __getattr__(name: str):

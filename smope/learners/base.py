@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..data import ClassIncrementalScenario
 from ..errors import SmopeError
 from ..runconfig import RunConfig
 from ..trainer import Trainer
@@ -33,8 +34,6 @@ class TaskContext:
     seed: int
     # The classes of every task so far, this one last (SLCA's alignment treats each task's logits apart).
     task_ranges: tuple[range, ...] = ()
-    # Every task's training data, for the joint-training ceiling only (continual learners ignore it).
-    all_train_data: Dataset | None = None
 
 
 def masked_logits(logits: torch.Tensor, classes: range) -> torch.Tensor:
@@ -69,8 +68,18 @@ class Learner:
     def train_task(self, ctx: TaskContext) -> None:
         raise NotImplementedError
 
+    def training_data(self, scenario: ClassIncrementalScenario, task: int) -> Dataset:
+        """The images :meth:`train_task` gets as ``ctx.train_data``: the task's own, for a continual learner."""
+        return scenario.train_dataset(task)
+
+    def usage_pass(self, ctx: TaskContext) -> None:
+        """The sweep after training that counts which prompt experts the task's images choose; nothing without experts.
+
+        The run's routing analytics watch exactly this step (:class:`~smope.experiment.RoutingAnalytics`).
+        """
+
     def after_task(self, ctx: TaskContext) -> None:
-        """Work between tasks (statistics, alignment); nothing by default."""
+        """Work between tasks after the usage pass (statistics, alignment); nothing by default."""
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -121,17 +121,24 @@ class PromptLearner(Learner):
         loss_fn = training_loss(self.model, ctx.classes, lambda: auxiliary_loss(self.model))
         self.trainer.fit(self.param_groups(), ctx.train_data, epochs, loss_fn, ctx.seed, description)
 
-    def after_task(self, ctx: TaskContext) -> None:
-        """Usage pass, then class statistics with the final counts, then the head's update (alignment or the ridge solve).
+    def usage_pass(self, ctx: TaskContext) -> None:
+        """The task's usage pass: its training images add their top-K experts to the counts (then summed over processes).
 
-        Two sweeps, not one: evaluation-mode routing reads the usage counts, so statistics taken
-        while the counts still grow would depend on the order of the batches. Both route with
-        ``method.after_task_eval_noise`` (docs/method.md#after-task-passes).
+        It runs before :meth:`after_task`, in its own sweep: evaluation-mode routing reads the
+        usage counts, so statistics taken while the counts still grow would depend on the order
+        of the batches. It routes with ``method.after_task_eval_noise`` (docs/method.md#after-task-passes).
         """
         with after_task_noise(self.model, self.after_task_eval_noise()):
             usage_before = expert_usage(self.model)
-            self.usage_pass(ctx)
+            self.count_usage(ctx)
             self.merge_usage(usage_before)
+
+    def after_task(self, ctx: TaskContext) -> None:
+        """Class statistics with the final usage counts, then the head's update (alignment or the ridge solve).
+
+        The statistics sweep routes with ``method.after_task_eval_noise``, as the usage pass does.
+        """
+        with after_task_noise(self.model, self.after_task_eval_noise()):
             features, labels = self.features_and_labels(ctx.train_data, self.pooled_features)
         self.stats.update(features, labels)
         self.output_head.after_task(ctx, features, labels, self.stats)
@@ -140,7 +147,7 @@ class PromptLearner(Learner):
         """The evaluation noise of the after-task passes; None: the layers' own (a dense prompt has no such setting)."""
         return None
 
-    def usage_pass(self, ctx: TaskContext) -> None:
+    def count_usage(self, ctx: TaskContext) -> None:
         """One eval-mode sweep over the task's training images that adds each batch's top-K experts to the counts.
 
         The counts grow batch by batch, so the order matters: by default the unshuffled images at
