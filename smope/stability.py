@@ -126,12 +126,11 @@ def stability_from_checkpoints(run_dir: str | Path) -> dict:
         chain = seed_run.chain()
         if not chain.length or chain.problem:
             continue
-        seed_run.build()
-        data = seed_run.data
-        if chain.length < seed_run.scenario.num_tasks:
+        if chain.length < config.data.num_tasks:
             raise SmopeError(f"seed {seed} of {run_dir} stopped after task {chain.length}: stability is measured after the final task, so finish the run first")
+        seed_run.build(restore=chain.length - 1)
+        data = seed_run.data
         require_gate(seed_run.learner.model, config.method.name, "routing stability")
-        seed_run.restore(chain.length - 1)
         per_seed.append({"seed": seed, **seed_run.stability()})
     if not per_seed:
         raise SmopeError(f"{run_dir} has no complete chain of task checkpoints: nothing to measure stability on")

@@ -99,7 +99,9 @@ def test_after_task_passes_route_with_their_own_noise(monkeypatch):
         return real_features(self, model, data, forward)
 
     monkeypatch.setattr(Trainer, "features_and_labels", features_and_labels)
-    learner.after_task(TaskContext(task=0, classes=range(4), seen=range(4), train_data=images(20), seed=0))
+    ctx = TaskContext(task=0, classes=range(4), seen=range(4), train_data=images(20), seed=0)
+    learner.usage_pass(ctx)
+    learner.after_task(ctx)
     assert noise_in == [2.0, 2.0]  # the usage pass and the statistics pass
     assert {layer.eval_noise for layer in prompted_layers(learner.model)} == {0.0}  # the test evaluation's
     with after_task_noise(learner.model, 0.5):
