@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from helpers import TINY, read_metrics, run
+
+from safetensors.torch import load_file
 
 from smope import cli
 from smope.data import load_dataset
@@ -33,6 +36,9 @@ def test_run_writes_every_output_and_learns(finished_run, capsys):
     images = sum(np.array(u)[0, 0].sum() // 2 for u in seed["task_usage"])  # top-2: two selections per image
     assert images == len(load_dataset("digits", None, train=True))  # every training image, once
     assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 3 + 3
+    stats = [load_file(out / "seed_0" / f"task_{t:03d}.safetensors") for t in range(3)]  # each task's after-task step
+    assert sorted(torch.cat([s["class_stats.classes"] for s in stats]).tolist()) == list(range(10))
+    assert sum(int(s["class_stats.count"].sum()) for s in stats) == images
 
 
 def copy_of(run: Path, tmp_path: Path) -> Path:
