@@ -11,6 +11,7 @@ Under ``torchrun`` every process runs this same loop on its shard of the data (s
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -119,7 +120,7 @@ class RunPlugin:
     def before_task(self, run: SeedRun, ctx: TaskContext) -> None:
         pass
 
-    def training_step(self, description: str, loss: float, learning_rates: list[float]) -> None:
+    def training_step(self, run: SeedRun, description: str, loss: float, learning_rates: list[float]) -> None:
         pass
 
     def after_training(self, run: SeedRun, ctx: TaskContext) -> None:
@@ -186,7 +187,7 @@ class Logging(RunPlugin):
     def __init__(self, loggers: RunLoggers) -> None:
         self.loggers = loggers
 
-    def training_step(self, description: str, loss: float, learning_rates: list[float]) -> None:
+    def training_step(self, run: SeedRun, description: str, loss: float, learning_rates: list[float]) -> None:
         self.loggers.training_step(description, loss, learning_rates)
 
     def after_evaluation(self, run: SeedRun, task: int, accuracy: list[float]) -> None:
@@ -244,7 +245,7 @@ class SeedRun:
         """
         raw = None if self.data is not None else load_splits(self.config)
         num_classes = self.data.num_classes if raw is None else len(raw[0].classes)
-        self.trainer = Trainer(self.config, on_step=self.training_step)
+        self.trainer = Trainer(self.config, on_step=functools.partial(self.hook, "training_step"))
         meta = None
         if restore is None:
             self.learner = new_learner(self.config, self.seed, num_classes, self.trainer)
@@ -274,9 +275,8 @@ class SeedRun:
 
     def stability(self) -> dict:
         """Routing stability of the current model on every task's test images (:mod:`smope.stability`)."""
-        batch = self.config.train.eval_batch_size
         tests = [self.scenario.test_dataset(t) for t in range(self.scenario.num_tasks)]
-        return routing_stability(self.learner.eval_features, self.learner.model, tests, lambda d: self.trainer.loader(d, batch, shuffle=False))
+        return routing_stability(self.learner.eval_features, self.learner.model, tests, self.loader)
 
     def loader(self, data: Dataset) -> DeviceBatches:
         """Unshuffled batches of ``data`` at ``train.eval_batch_size`` on the run's device: test images for the analyses."""
@@ -309,11 +309,6 @@ class SeedRun:
         """Call the hook ``name`` of every plugin, in the list's order."""
         for plugin in self.plugins:
             getattr(plugin, name)(self, *args)
-
-    def training_step(self, description: str, loss: float, learning_rates: list[float]) -> None:
-        """The trainer's per-step callback: every plugin's :meth:`RunPlugin.training_step`."""
-        for plugin in self.plugins:
-            plugin.training_step(description, loss, learning_rates)
 
     def run_tasks(self, chain: Chain) -> dict:
         progress = self.config.train.progress

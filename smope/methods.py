@@ -40,17 +40,15 @@ NULL_MEANS_DEFAULT = frozenset({
 })  # fmt: skip
 
 
-def like(owner: type, name: str, **changes: Any) -> Any:
-    """A field declared as ``owner``'s field ``name`` (its help, its default), with ``default=`` changed:
+def like(owner: type, name: str, default: Any = MISSING) -> Any:
+    """A field declared as ``owner``'s field ``name`` (its help, its default), with another ``default`` if given:
     a method that reads a shared key with a published value of its own declares it with this."""
     declared = owner.__dataclass_fields__[name]
-    default, factory = declared.default, declared.default_factory
-    if "default" in changes:
-        value = changes.pop("default")
-        default, factory = (MISSING, lambda: list(value)) if isinstance(value, list) else (value, MISSING)
-    if changes:
-        raise TypeError(f"like() changes only the default, got {sorted(changes)}")
-    return field(default=default, default_factory=factory, metadata=declared.metadata)
+    if default is MISSING:
+        return field(default=declared.default, default_factory=declared.default_factory, metadata=declared.metadata)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=declared.metadata)
+    return field(default=default, metadata=declared.metadata)
 
 
 def even_prompt_length(key: str, value: int) -> int:
@@ -509,11 +507,6 @@ def registered_name(settings: type[MethodSettings]) -> str:
         if spec.settings is settings:
             return spec.name
     raise SmopeError(f"{settings.__name__} is not a registered method's settings: give it name=, one of {', '.join(method_names())}")
-
-
-def method_settings(name: str, **values: Any) -> MethodSettings:
-    """The settings of method ``name`` with ``values`` (checked: a value out of range raises :class:`SmopeError` naming its key)."""
-    return spec_for(name).settings(name=name, **values)
 
 
 def every_method_key() -> list[str]:

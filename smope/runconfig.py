@@ -266,14 +266,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise SmopeError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+def _unknown_key_error(name: str, known: list[str], prefix: str) -> SmopeError:
+    """``unknown config key '<prefix><name>'`` with the closest of ``known``, or all of them when none is close."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(prefix + k for k in known)}"
+    return SmopeError(f"unknown config key '{prefix}{name}'{hint}")
+
+
 def _apply(section: Any, values: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(section))
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in hints:
-            close = difflib.get_close_matches(name, list(hints), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(prefix + h for h in hints)}"
-            raise SmopeError(f"unknown config key '{key}'{hint}")
+            raise _unknown_key_error(name, list(hints), prefix)
         current = getattr(section, name)
         if isinstance(current, dict) and isinstance(value, dict) and value:  # free-form mappings merge; {} clears
             value = {**current, **value}
@@ -351,6 +356,9 @@ def _unread_keys_error(method: str, keys: list[str]) -> SmopeError:
     )
 
 
+DEFAULT_METHOD = "smope"  # method.name when a config names none: RunConfig's default settings are SMoPESettings
+
+
 def build_method(section: dict, refuse_unread: set[str] | frozenset[str] = frozenset()) -> MethodSettings:
     """The settings of ``section["name"]`` (default ``smope``) from a ``method`` section's raw values.
 
@@ -360,7 +368,7 @@ def build_method(section: dict, refuse_unread: set[str] | frozenset[str] = froze
     :data:`~smope.methods.NULL_MEANS_DEFAULT` is the method's default. Fields that change nothing
     given the others (:meth:`~smope.methods.MethodSettings.inactive_keys`) are reset to their defaults.
     """
-    name = _coerce("method.name", section.get("name", "smope"), str)
+    name = _coerce("method.name", section.get("name", DEFAULT_METHOD), str)
     settings = spec_for(name).settings
     hints = typing.get_type_hints(settings)
     values, unread = {}, []
@@ -370,9 +378,7 @@ def build_method(section: dict, refuse_unread: set[str] | frozenset[str] = froze
         if key not in hints:
             known = every_method_key()
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean 'method.{close[0]}'?" if close else f"; valid keys here: {', '.join('method.' + k for k in known)}"
-                raise SmopeError(f"unknown config key 'method.{key}'{hint}")
+                raise _unknown_key_error(key, known, "method.")
             if key in refuse_unread:
                 unread.append(key)
             continue
@@ -407,7 +413,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _apply(config, values)
         section.update(file_section)
         file_keys = set(file_section) - _defaulted_keys(file_section)
-    file_method = section.get("name", "smope")
+    file_method = section.get("name", DEFAULT_METHOD)
     override_keys: set[str] = set()
     for text in overrides:
         nested = parse_override(text)
@@ -415,21 +421,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _apply(config, nested)
         section.update(overridden)
         override_keys |= set(overridden)
-    refuse = override_keys | (file_keys if section.get("name", "smope") == file_method else set())
+    refuse = override_keys | (file_keys if section.get("name", DEFAULT_METHOD) == file_method else set())
     config.method = build_method(section, refuse if strict else frozenset())
     validate(config)
     return config
 
 
-def inactive_method_keys(config: RunConfig) -> set[str]:
-    """The ``method.*`` settings that change nothing in ``config`` (:meth:`~smope.methods.MethodSettings.inactive_keys`)."""
-    return config.method.inactive_keys()
-
-
 def acting_dict(config: RunConfig) -> dict[str, Any]:
-    """:meth:`RunConfig.to_dict` without the settings that do nothing (:func:`inactive_method_keys`): config.yaml's content."""
+    """:meth:`RunConfig.to_dict` without the settings that do nothing (:meth:`~smope.methods.MethodSettings.inactive_keys`): config.yaml's content."""
     values = config.to_dict()
-    inactive = inactive_method_keys(config)
+    inactive = config.method.inactive_keys()
     values["method"] = {key: value for key, value in values["method"].items() if key not in inactive}
     return values
 

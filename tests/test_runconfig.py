@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from smope.errors import SmopeError
-from smope.methods import SMoPESettings, defaults_of, every_method_key, method_settings, spec_for
-from smope.runconfig import load_config
+from smope.methods import SMoPESettings, defaults_of, every_method_key, spec_for
+from smope.runconfig import build_method, load_config
 
 
 def test_defaults_are_the_offline_demo():
@@ -86,7 +86,7 @@ def test_each_method_has_its_published_defaults_and_reads_only_its_fields():
     assert (coda.pool_size, coda.prompt_length, coda.ortho_weight) == (100, 8, 0.1)
     assert norga.hide_statistics == "full" and load_config(None, ["method.name=hide-prompt"]).method.hide_statistics == "centroids"
     assert spec_for("l2p").reads == ("pool_size", "prompt_length", "prompt_layers", "pool_top_k")
-    assert method_settings("lora").name == "lora" and SMoPESettings().name == "smope"  # built without a name: the registered one
+    assert build_method({"name": "lora"}).name == "lora" and SMoPESettings().name == "smope"  # built without a name: the registered one
 
 
 def test_null_for_a_formerly_published_key_is_the_default(tmp_path):

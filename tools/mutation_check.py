@@ -100,7 +100,7 @@ MUTATIONS = [
     Mutation("projection: transformers keys and values swapped", VIT, "(module.q_proj, module.k_proj, module.v_proj)", "(module.q_proj, module.v_proj, module.k_proj)", PROJECTIONS),
     # Method keys and the ridge head's checkpoints
     Mutation("config: unread method keys accepted", "smope/runconfig.py", "    if unread:\n        raise _unread_keys_error", "    if False:\n        raise _unread_keys_error", ["tests/test_runconfig.py"]),
-    Mutation("config: a switched file's unread keys refused", "smope/runconfig.py", '(file_keys if section.get("name", "smope") == file_method else set())', "file_keys", ["tests/test_runconfig.py"]),
+    Mutation("config: a switched file's unread keys refused", "smope/runconfig.py", '(file_keys if section.get("name", DEFAULT_METHOD) == file_method else set())', "file_keys", ["tests/test_runconfig.py"]),
     Mutation("config: null for a formerly published key refused", "smope/runconfig.py", "        if value is None and key in NULL_MEANS_DEFAULT:\n            continue\n", "", ["tests/test_runconfig.py"]),
     Mutation("settings: method.lora_r not checked", "smope/methods.py", '        at_least("method.lora_r", self.lora_r, 1)\n', "", ["tests/test_reliability.py"], ["-k", "cannot_honour"]),
     Mutation("settings: a per-task pool smaller than the tasks accepted", "smope/methods.py", "        if self.PER_TASK and self.pool_size < tasks:", "        if False:", ["tests/test_baselines.py"], ["-k", "bad_pool_settings"]),

@@ -37,8 +37,9 @@ def after_task_noise(model: nn.Module, noise: float | None) -> Iterator[None]:
     """Within the block every prompted layer routes with evaluation noise ``noise`` (None: its own, ``method.eval_noise``)."""
     layers = prompted_layers(model)
     own = [layer.eval_noise for layer in layers]
-    for layer in layers if noise is not None else ():
-        layer.eval_noise = noise
+    if noise is not None:
+        for layer in layers:
+            layer.eval_noise = noise
     try:
         yield
     finally:
